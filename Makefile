@@ -1,0 +1,48 @@
+# moe-ray: `make run` and `make test` set up .venv first when it is missing or stale.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU torch that lies on local disk; a machine with an NVIDIA GPU keeps (or gets) its CUDA build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: run test test-fast bench bench-full lint setup clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
+		$(BIN)/python -m pip install --quiet "torch>=2.8,<2.15"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
+		$(BIN)/python -m pip install --quiet $(TORCH_CPU); \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[dev,tokenizers]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/moe-ray run jobs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -v --timeout=900
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow" --timeout=600
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+bench-full: $(STAMP)
+	$(BIN)/python bench/run_all.py --full
+
+lint: $(STAMP)
+	$(BIN)/ruff check moe_ray tests bench
+	$(BIN)/ruff format --check moe_ray tests bench
+
+clean:
+	rm -rf $(VENV) mlruns .pytest_cache

@@ -1,0 +1,113 @@
+"""Training data: the built-in corpus, byte-level tokens, and deterministic sampling (DESIGN 5.4).
+
+The samples of step t are a pure function of (seed, t, global sample index): a worker that owns
+sample indices [a, b) of a step draws exactly what any other world size would have drawn for
+them, so a restart at step t with any number of workers sees the same data.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BYTE_VOCAB = 256
+VAL_EVERY_NTH_FILE = 20  # every 20th file of the sorted list is validation text
+
+
+@dataclass(frozen=True)
+class TokenSplits:
+    train: np.ndarray  # 1-D token ids
+    val: np.ndarray
+    description: str
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard library `.py` files, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@lru_cache(maxsize=2)
+def builtin_corpus(max_bytes: int = 64 * 2**20) -> TokenSplits:
+    """The built-in corpus as byte tokens: no download, so the quickstart works offline.
+
+    Whole files go to one split (every VAL_EVERY_NTH_FILE-th file to validation) so that no
+    validation text is also seen in training.
+    """
+    train, val = bytearray(), bytearray()
+    for i, path in enumerate(stdlib_files()):
+        if len(train) + len(val) >= max_bytes:
+            break
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        (val if i % VAL_EVERY_NTH_FILE == VAL_EVERY_NTH_FILE - 1 else train).extend(data)
+    if not train or not val:
+        raise RuntimeError(f"no standard library sources found under {sysconfig.get_paths()['stdlib']}")
+    version = ".".join(map(str, sys.version_info[:3]))
+    return TokenSplits(
+        train=np.frombuffer(bytes(train), dtype=np.uint8),
+        val=np.frombuffer(bytes(val), dtype=np.uint8),
+        description=f"python {version} stdlib: {len(train):,} train / {len(val):,} val bytes",
+    )
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap, well-mixed, platform-independent hash of uint64 values."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def sample_offsets(n_tokens: int, window: int, seed: int, step: int, sample_ids: np.ndarray) -> np.ndarray:
+    """Start offsets of the windows for (seed, step, sample id); independent of who asks."""
+    span = n_tokens - window + 1
+    if span < 1:
+        raise ValueError(f"the token stream ({n_tokens} tokens) is shorter than one window ({window})")
+    with np.errstate(over="ignore"):
+        key = _mix64(np.full_like(sample_ids, seed, dtype=np.uint64)) ^ _mix64(
+            np.uint64(step) * np.uint64(0x9E3779B97F4A7C15) + sample_ids.astype(np.uint64)
+        )
+    return (_mix64(key) % np.uint64(span)).astype(np.int64)
+
+
+def sample_windows(
+    tokens: np.ndarray, window: int, seed: int, step: int, first: int, count: int
+) -> torch.Tensor:
+    """Windows of `window` tokens for global sample ids first .. first + count - 1 of `step`."""
+    ids = np.arange(first, first + count, dtype=np.uint64)
+    offsets = sample_offsets(len(tokens), window, seed, step, ids)
+    batch = np.stack([tokens[o : o + window] for o in offsets]) if count else np.zeros((0, window))
+    return torch.from_numpy(batch.astype(np.int64))
+
+
+def eval_windows(tokens: np.ndarray, window: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:
+    """A fixed validation set: evenly spaced windows over the validation tokens."""
+    total = batch_size * n_batches
+    span = len(tokens) - window + 1
+    if span < 1:
+        raise ValueError(f"the validation text ({len(tokens)} tokens) is shorter than one window ({window})")
+    starts = np.linspace(0, span - 1, total).astype(np.int64)
+    windows = torch.from_numpy(np.stack([tokens[s : s + window] for s in starts]).astype(np.int64))
+    return list(windows.split(batch_size))
+
+
+def decode_bytes(ids) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def encode_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))

@@ -1,0 +1,74 @@
+"""The DeepSeekMoE layer: router, shared experts, routed experts and the token dispatcher.
+
+h = u + shared(u) + sum_i g_i * routed_i(u)   (the residual is added by the block; DESIGN 2.1)
+
+Tokens are permuted so that each expert's rows are contiguous (stable sort by global expert id),
+handed to a dispatcher that gets them to their experts and back, then scaled by the gates and
+scattered back to their tokens. The default dispatcher runs every expert in this process; the
+expert-parallel one (moe_ray.parallel.dispatch) sends rows to the ranks that own their experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe_ray.balance import balance_loss
+from moe_ray.config import BalanceConfig, ModelConfig
+from moe_ray.model.experts import GroupedExperts, SwiGLU
+from moe_ray.model.router import Router
+
+
+class TokenDispatcher(Protocol):
+    def __call__(
+        self, rows: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
+    ) -> torch.Tensor:
+        """rows: (R, d) sorted by global expert id; counts: (n_routed_experts,) rows per expert.
+        Returns the expert outputs for the same rows, in the same order."""
+        ...
+
+
+class LocalDispatcher:
+    """Every routed expert lives in this process."""
+
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        return experts(rows, counts)
+
+
+@dataclass
+class MoEStats:
+    counts: torch.Tensor  # (n_routed_experts,) tokens per expert in this forward pass
+    balance_loss: torch.Tensor | None
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, balance: BalanceConfig):
+        super().__init__()
+        moe = cfg.moe
+        self.balance = balance
+        self.top_k = moe.top_k
+        self.n_experts = moe.n_routed_experts
+        self.router = Router(cfg.d_model, moe)
+        self.shared = SwiGLU(cfg.d_model, moe.n_shared_experts * moe.expert_hidden) if moe.n_shared_experts else None
+        self.experts = GroupedExperts(cfg.d_model, moe.expert_hidden, moe.n_routed_experts)
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        r = self.router(flat)
+        order = torch.argsort(r.indices.flatten(), stable=True)
+        token_of_row = order // self.top_k
+        rows = self.dispatcher(flat[token_of_row], r.counts, self.experts)
+        weighted = rows * r.gates.flatten()[order].unsqueeze(-1).to(rows.dtype)
+        out = torch.zeros_like(flat, dtype=weighted.dtype).index_add_(0, token_of_row, weighted)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        loss = None
+        if self.training:
+            batch_shape = (shape[0], shape[1]) if len(shape) == 3 else (1, flat.shape[0])
+            loss = balance_loss(self.balance, r.scores, r.logits, r.indices, r.counts, self.top_k, batch_shape)
+        return out.view(shape).to(x.dtype), MoEStats(counts=r.counts, balance_loss=loss)

@@ -1,0 +1,1 @@
+"""The training step and the single-process trainer (no Ray)."""

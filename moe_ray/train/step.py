@@ -1,0 +1,118 @@
+"""One optimizer step, shared by the single-process trainer and the Ray expert workers.
+
+Order (DESIGN 5.2): forward -> hand the per-layer expert counts to the bias source (without
+waiting) -> backward -> gradient sync -> clip -> optimizer step -> install the bias for the
+next step. The distributed runtime plugs in its own bias source, gradient sync and norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.config import BalanceConfig, TrainConfig
+from moe_ray.model.transformer import MoETransformer
+from moe_ray.train.optim import lr_at, set_lr
+
+
+class BiasSource(Protocol):
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        """Counts (n_moe_layers, n_experts) of this process's forward pass of `step`."""
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        """The bias to route step + 1 with; called after the optimizer step of `step`."""
+
+
+class LocalBias:
+    """Single process: the local counts ARE the global counts, so apply rule 3.1 directly."""
+
+    def __init__(self, bias: torch.Tensor, balance: BalanceConfig, total_steps: int):
+        self.bias = bias.clone()
+        self.balance = balance
+        self.total_steps = total_steps
+
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        gamma = bias_update_speed(self.balance, step, self.total_steps)
+        self.bias = update_bias(self.bias, counts.to(self.bias.device), gamma)
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        return self.bias
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+    counts: torch.Tensor  # this process's (n_moe_layers, n_experts) counts
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on GPU when precision is auto or bf16; fp32 elsewhere."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+
+
+def train_step(
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    window: torch.Tensor,
+    step: int,
+    cfg: TrainConfig,
+    bias: BiasSource,
+    *,
+    loss_scale: float = 1.0,
+    sync_gradients: Callable[[nn.Module], None] | None = None,
+    clip: Callable[[nn.Module, float], torch.Tensor] = clip_gradients,
+) -> StepResult:
+    """`loss_scale` is 1 / world size in data-parallel runs, so gradients are SUM-reduced."""
+    start = time.perf_counter()
+    model.train()
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    device = window.device
+    with autocast_context(device, cfg.precision):
+        out = model.compute_loss(window)
+    bias.submit(step, out.counts.detach())
+    (out.loss * loss_scale).backward()
+    if sync_gradients is not None:
+        sync_gradients(model)
+    grad_norm = clip(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.set_expert_bias(bias.next_bias(step))
+    return StepResult(
+        step=step,
+        loss=out.loss.item(),
+        lm_loss=out.lm_loss.item(),
+        mtp_loss=out.mtp_loss.item(),
+        balance_loss=out.balance_loss.item(),
+        grad_norm=float(grad_norm),
+        lr=lr,
+        tokens=window.shape[0] * (window.shape[1] - 1 - model.cfg.mtp.depth),
+        seconds=time.perf_counter() - start,
+        counts=out.counts.detach().cpu(),
+    )
