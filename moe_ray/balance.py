@@ -47,9 +47,7 @@ def selection_mask(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return mask.scatter_(-1, indices, 1.0)
 
 
-def sequence_balance_loss(
-    scores: torch.Tensor, indices: torch.Tensor, top_k: int, alpha: float
-) -> torch.Tensor:
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
     """Complementary sequence-wise balance loss (DESIGN 3.2), averaged over sequences.
 
     scores: (batch, T, N_r) affinities; indices: (batch, T, K_r) selected experts.
@@ -77,8 +75,13 @@ def router_z_loss(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def balance_loss(
-    cfg: BalanceConfig, scores: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,
-    counts: torch.Tensor, top_k: int, batch_shape: tuple[int, int],
+    cfg: BalanceConfig,
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    top_k: int,
+    batch_shape: tuple[int, int],
 ) -> torch.Tensor | None:
     """Sum of the balance losses that `cfg` switches on for one MoE layer, or None."""
     terms = []
@@ -86,9 +89,7 @@ def balance_loss(
         terms.append(aux_balance_loss(scores, counts, top_k, cfg.aux_loss_alpha))
     if cfg.seq_aux_alpha > 0:
         b, t = batch_shape
-        terms.append(
-            sequence_balance_loss(scores.view(b, t, -1), indices.view(b, t, -1), top_k, cfg.seq_aux_alpha)
-        )
+        terms.append(sequence_balance_loss(scores.view(b, t, -1), indices.view(b, t, -1), top_k, cfg.seq_aux_alpha))
     if cfg.z_loss_alpha > 0:
         terms.append(router_z_loss(logits, cfg.z_loss_alpha))
     return sum(terms) if terms else None

@@ -65,25 +65,24 @@ class MoEConfig(Strict):
         }
         seg = self.segmentation
         if seg is not None:
-            given = [k for k, v in direct.items() if v is not None]
-            if given:
+            derived = {
+                "n_routed_experts": seg.experts * seg.factor,
+                "expert_hidden": seg.hidden // seg.factor,
+                "top_k": seg.top_k * seg.factor,
+                "n_shared_experts": seg.shared * seg.factor,
+            }
+            # A resolved config (dumped and loaded again) carries both forms; they must agree.
+            clash = [k for k, v in derived.items() if getattr(self, k) not in (None, v)]
+            if clash:
                 raise ValueError(
-                    f"give either moe.segmentation or moe.{'/'.join(given)}, not both: "
-                    "segmentation derives them"
+                    f"give either moe.segmentation or moe.{'/'.join(clash)}, not both: segmentation derives them"
                 )
-            # Assign through __dict__ so validate_assignment does not re-enter this validator.
-            self.__dict__.update(
-                n_routed_experts=seg.experts * seg.factor,
-                expert_hidden=seg.hidden // seg.factor,
-                top_k=seg.top_k * seg.factor,
-                n_shared_experts=seg.shared * seg.factor,
-            )
+            # Through __dict__ so validate_assignment does not re-enter this validator.
+            self.__dict__.update(derived)
         else:
             missing = [k for k, v in direct.items() if v is None]
             if missing:
-                raise ValueError(
-                    f"moe needs {', '.join('moe.' + m for m in missing)} (or a moe.segmentation block)"
-                )
+                raise ValueError(f"moe needs {', '.join('moe.' + m for m in missing)} (or a moe.segmentation block)")
             if self.n_shared_experts is None:
                 self.__dict__["n_shared_experts"] = 1
         n, k = self.n_routed_experts, self.top_k
@@ -125,9 +124,7 @@ class ModelConfig(Strict):
     rope_theta: PositiveFloat = 10000.0
     norm_eps: PositiveFloat = 1e-6
     init_std: PositiveFloat = 0.02
-    moe: MoEConfig = Field(
-        default_factory=lambda: MoEConfig(n_routed_experts=16, expert_hidden=128, top_k=4)
-    )
+    moe: MoEConfig = Field(default_factory=lambda: MoEConfig(n_routed_experts=16, expert_hidden=128, top_k=4))
     mtp: MTPConfig = Field(default_factory=MTPConfig)
 
     @model_validator(mode="after")
@@ -137,9 +134,7 @@ class ModelConfig(Strict):
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("model.d_model / model.n_heads must be even for rotary embeddings")
         if self.n_dense_layers > self.n_layers:
-            raise ValueError(
-                f"model.n_dense_layers={self.n_dense_layers} exceeds model.n_layers={self.n_layers}"
-            )
+            raise ValueError(f"model.n_dense_layers={self.n_dense_layers} exceeds model.n_layers={self.n_layers}")
         return self
 
     @property

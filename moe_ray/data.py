@@ -84,9 +84,7 @@ def sample_offsets(n_tokens: int, window: int, seed: int, step: int, sample_ids:
     return (_mix64(key) % np.uint64(span)).astype(np.int64)
 
 
-def sample_windows(
-    tokens: np.ndarray, window: int, seed: int, step: int, first: int, count: int
-) -> torch.Tensor:
+def sample_windows(tokens: np.ndarray, window: int, seed: int, step: int, first: int, count: int) -> torch.Tensor:
     """Windows of `window` tokens for global sample ids first .. first + count - 1 of `step`."""
     ids = np.arange(first, first + count, dtype=np.uint64)
     offsets = sample_offsets(len(tokens), window, seed, step, ids)

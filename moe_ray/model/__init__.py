@@ -6,6 +6,13 @@ from moe_ray.model.router import Router, RouterOutput
 from moe_ray.model.transformer import ModelOutput, MoETransformer
 
 __all__ = [
-    "GroupedExperts", "LocalDispatcher", "MoELayer", "MoEStats", "MoETransformer",
-    "ModelOutput", "Router", "RouterOutput", "SwiGLU",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "MoELayer",
+    "MoEStats",
+    "MoETransformer",
+    "ModelOutput",
+    "Router",
+    "RouterOutput",
+    "SwiGLU",
 ]

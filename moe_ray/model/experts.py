@@ -38,20 +38,63 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, use_
 
     Uses `torch._grouped_mm` where it accepts the dtype/device, else a loop over non-empty groups.
     """
+    if x.shape[0] == 0:
+        # Still an autograd node over x and w: a rank with no tokens must take part in the
+        # backward pass (and its collectives) like every other rank.
+        return x @ w[0]
     if use_grouped_mm and _grouped_mm_supported(x, w):
-        # The kernel refuses stride-0 (broadcast) inputs, which autograd can hand it.
-        return torch._grouped_mm(x.contiguous(), w, offs=offsets.to(torch.int32))
+        return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), w, offs=offsets.to(torch.int32)))
     return _looped_matmul(x, w, offsets)
 
 
 def _looped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    out = x.new_empty(x.shape[0], w.shape[-1])
-    start = 0
-    for g, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ w[g]
-        start = end
-    return out
+    # split/unbind/cat rather than slicing and indexing: their backward passes are one cat or
+    # stack, where per-group slices would each materialise a full-size zero gradient.
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    parts = [xs @ wg for xs, wg, n in zip(x.split(sizes), w.unbind(0), sizes, strict=True) if n]
+    return torch.cat(parts)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: the grouped-GEMM backward
+    refuses the stride-0 (broadcast) gradients that e.g. `out.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up * w for h = [gate | up] and one weight w per row. Fused by hand: this
+    memory-bound step makes as few passes over the rows as it can, and the backward writes
+    one (rows, 2H) gradient instead of concatenating two halves."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate).mul_(up)
+        ctx.save_for_backward(h, w, act)
+        return act * w.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        half = gate.shape[-1]
+        grad_w = torch.linalg.vecdot(grad, act) if ctx.needs_input_grad[1] else None
+        grad_act = grad * w.unsqueeze(-1)
+        grad_h = torch.empty_like(h)
+        torch.mul(grad_act, F.silu(gate), out=grad_h[:, half:])
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_h[:, :half])
+        return grad_h, grad_w
+
+
+def weighted_swiglu(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _WeightedSwiGLU.apply(h, w.to(h.dtype))
 
 
 class GroupedExperts(nn.Module):
@@ -60,6 +103,9 @@ class GroupedExperts(nn.Module):
     Holds experts with global ids [first_expert, first_expert + n_experts). Input rows must be
     sorted by expert; `tokens_per_expert[e]` rows belong to local expert e. Dropless: every
     row is computed, an expert with zero rows simply contributes nothing.
+
+    `row_weights` (the gates) scale each row's hidden activation before the down projection:
+    the same as scaling the output (w2 is linear) at half the width.
     """
 
     def __init__(self, d_model: int, hidden: int, n_experts: int, first_expert: int = 0):
@@ -70,9 +116,14 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = True
         self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        nn.init.normal_(self.w13, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         offsets = torch.cumsum(tokens_per_expert, dim=0)
         h = grouped_matmul(x, self.w13, offsets, self.use_grouped_mm)
-        gate, up = h.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.w2, offsets, self.use_grouped_mm)
+        if row_weights is None:
+            row_weights = h.new_ones(h.shape[0])
+        return grouped_matmul(weighted_swiglu(h, row_weights), self.w2, offsets, self.use_grouped_mm)

@@ -19,23 +19,27 @@ from torch import nn
 from moe_ray.balance import balance_loss
 from moe_ray.config import BalanceConfig, ModelConfig
 from moe_ray.model.experts import GroupedExperts, SwiGLU
+from moe_ray.model.permutation import combine_rows, gather_rows, inverse_permutation
 from moe_ray.model.router import Router
 
 
 class TokenDispatcher(Protocol):
     def __call__(
-        self, rows: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
+        self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
     ) -> torch.Tensor:
-        """rows: (R, d) sorted by global expert id; counts: (n_routed_experts,) rows per expert.
-        Returns the expert outputs for the same rows, in the same order."""
+        """rows: (R, d) sorted by global expert id, gates: (R,) their gate weights,
+        counts: (n_routed_experts,) rows per expert. Returns the gate-weighted expert outputs
+        for the same rows, in the same order."""
         ...
 
 
 class LocalDispatcher:
     """Every routed expert lives in this process."""
 
-    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-        return experts(rows, counts)
+    def __call__(
+        self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
+    ) -> torch.Tensor:
+        return experts(rows, counts, gates)
 
 
 @dataclass
@@ -61,10 +65,10 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, shape[-1])
         r = self.router(flat)
         order = torch.argsort(r.indices.flatten(), stable=True)
-        token_of_row = order // self.top_k
-        rows = self.dispatcher(flat[token_of_row], r.counts, self.experts)
-        weighted = rows * r.gates.flatten()[order].unsqueeze(-1).to(rows.dtype)
-        out = torch.zeros_like(flat, dtype=weighted.dtype).index_add_(0, token_of_row, weighted)
+        inverse = inverse_permutation(order)
+        rows = gather_rows(flat, order, inverse, self.top_k)
+        rows = self.dispatcher(rows, r.gates.flatten()[order], r.counts, self.experts)
+        out = combine_rows(rows, order, inverse, self.top_k)
         if self.shared is not None:
             out = out + self.shared(flat)
         loss = None

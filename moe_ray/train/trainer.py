@@ -56,8 +56,7 @@ class Trainer:
         self.bias = LocalBias(self.model.get_expert_bias(), balance, train.steps)
         self.window = train.seq_len + 1 + model_cfg.mtp.depth
         self.val_windows = [
-            w.to(self.device)
-            for w in eval_windows(data.val, self.window, train.batch_size, train.eval_batches)
+            w.to(self.device) for w in eval_windows(data.val, self.window, train.batch_size, train.eval_batches)
         ]
         self.step = 0
 
@@ -73,8 +72,11 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.val_windows, self.train_cfg.precision)
 
-    def fit(self, on_step: Callable[[StepResult], None] | None = None,
-            on_eval: Callable[[int, EvalResult], None] | None = None) -> TrainSummary:
+    def fit(
+        self,
+        on_step: Callable[[StepResult], None] | None = None,
+        on_eval: Callable[[int, EvalResult], None] | None = None,
+    ) -> TrainSummary:
         cfg = self.train_cfg
         summary = TrainSummary(steps=cfg.steps, final_loss=float("nan"), val=None)
         while self.step < cfg.steps:

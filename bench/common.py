@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmarks: timing, matmul reference speed and JSON-line output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def emit(bench: str, metric: str, value, **extra) -> dict:
+    """One result as a JSON line on stdout: {"bench": ..., "metric": ..., "value": ...}."""
+    row = {"bench": bench, "metric": metric, "value": value, **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def time_it(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    """Median wall time of `fn` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_flops_per_s(n: int = 2048, repeat: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of an n x n fp32 matmul on this machine: the yardstick for achieved FLOP/s."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    seconds = time_it(lambda: a @ b, repeat)
+    return 2 * n**3 / seconds
+
+
+def machine() -> dict:
+    import os
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }

@@ -1,0 +1,56 @@
+"""Moving token rows to expert-sorted order and back, as exact adjoint gathers.
+
+Each token is routed to top_k experts, giving tokens * top_k "rows". `order` lists the rows
+sorted by expert (row r belongs to token r // top_k). Plain indexing would make autograd use
+scatter-add (index_put with accumulate) in the backward pass: slow on CPU and nondeterministic
+on GPU. Both directions here are gathers, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv
+
+
+class _GatherRows(torch.autograd.Function):
+    """x (tokens, d) -> rows (tokens * top_k, d) in expert order."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, top_k):
+        ctx.save_for_backward(inverse)
+        ctx.shape = (x.shape[0], top_k, x.shape[1])
+        return x.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (inverse,) = ctx.saved_tensors
+        return grad_rows.index_select(0, inverse).view(ctx.shape).sum(dim=1), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """rows (tokens * top_k, d) in expert order -> (tokens, d): each token sums its top_k rows."""
+
+    @staticmethod
+    def forward(ctx, rows, order, inverse, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        tokens = rows.shape[0] // top_k
+        return rows.index_select(0, inverse).view(tokens, top_k, rows.shape[1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, torch.div(order, ctx.top_k, rounding_mode="floor")), None, None, None
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    return _GatherRows.apply(x, order, inverse, top_k)
+
+
+def combine_rows(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    return _CombineRows.apply(rows, order, inverse, top_k)
