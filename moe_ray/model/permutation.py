@@ -54,3 +54,21 @@ def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top
 
 def combine_rows(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
     return _CombineRows.apply(rows, order, inverse, top_k)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] for a permutation `perm`; the backward is the inverse gather."""
+
+    @staticmethod
+    def forward(ctx, rows, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _PermuteRows.apply(rows, perm, inverse)

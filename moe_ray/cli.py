@@ -1,0 +1,102 @@
+"""The `moe-ray` command line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from moe_ray.spec import JobSpecError, dump_job, load_job
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train DeepSeek-style MoE models on Ray.")
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a job value: key.sub=value (repeatable).")
+]
+
+
+def _load(job_file: str, overrides: list[str] | None):
+    try:
+        return load_job(job_file, overrides or [])
+    except JobSpecError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(job_file: str, set_: SetOpt = None) -> None:
+    """Check a job file; print the resolved job, or every problem with its dotted path."""
+    job = _load(job_file, set_)
+    typer.echo(dump_job(job), nl=False)
+
+
+@app.command()
+def run(
+    job_file: str,
+    set_: SetOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: an embedded local Ray).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest run of this job (or --run).")] = False,
+    run_name: Annotated[str | None, typer.Option("--run", help="Run name (default: job name + time).")] = None,
+) -> None:
+    """Train a job: coordinator + expert workers on Ray, with checkpoints."""
+    from moe_ray.console import ProgressReporter, console
+    from moe_ray.runtime.data_loading import DataError
+    from moe_ray.runtime.driver import RunError, run_job
+    from moe_ray.storage.s3 import StorageError
+
+    job = _load(job_file, set_)
+    reporter = ProgressReporter(job.train.steps, job.train.log_every)
+    try:
+        result = run_job(
+            job, address=address, resume=resume or run_name if resume else None, run_name=run_name, on_progress=reporter
+        )
+    except (RunError, StorageError, DataError) as err:
+        reporter.close()
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    reporter.close()
+    vio = result.max_vio_global
+    console.print(
+        f"[bold]done[/bold]: run {result.run_name}, {result.final_step} steps in {result.seconds:.0f} s\n"
+        f"  train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
+        + (f", MaxVio_global {sum(vio) / len(vio):.3f} (per layer {', '.join(f'{v:.3f}' for v in vio)})" if vio else "")
+        + f"\n  checkpoint: {result.checkpoint}",
+        highlight=False,
+    )
+
+
+@app.command()
+def checkpoints(
+    run_name: str,
+    storage: Annotated[
+        str, typer.Option(help="checkpoint.storage of the job (folder or s3://bucket/prefix).")
+    ] = "./runs",
+    prune: Annotated[int | None, typer.Option(help="Delete all but the newest N complete checkpoints.")] = None,
+) -> None:
+    """List a run's checkpoints with step and size (and prune old ones)."""
+    from moe_ray.storage.catalog import list_checkpoints, run_location
+    from moe_ray.storage.catalog import prune as prune_run
+
+    run = run_location(storage, run_name)
+    if prune is not None:
+        for c in prune_run(run, prune):
+            typer.echo(f"deleted {c.name}")
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        typer.echo(f"no checkpoints under {run}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{'checkpoint':<16} {'step':>8} {'size':>12}  status")
+    for c in ckpts:
+        typer.echo(f"{c.name:<16} {c.step:>8} {c.size / 2**20:>10.2f}MB  {'complete' if c.complete else 'INCOMPLETE'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What a person sees while a run goes on: a progress bar on a terminal, log lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_ray.runtime.driver import Progress as RunProgress
+
+console = Console(stderr=True)
+
+
+def _fmt(m: dict, max_vio: list[float] | None) -> str:
+    vio = f" maxvio {sum(max_vio) / len(max_vio):.3f}" if max_vio else ""
+    return f"loss {m['loss']:.4f} lm {m['lm_loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tok/s{vio}"
+
+
+class ProgressReporter:
+    """Callable handed to run_job; shows a bar on a TTY and a line every `log_every` steps otherwise."""
+
+    def __init__(self, total_steps: int, log_every: int, interactive: bool | None = None):
+        self.total = total_steps
+        self.log_every = log_every
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = None
+        self.logged_step = -1
+        self.events_seen = 0
+        self.start = time.time()
+
+    def __call__(self, p: RunProgress) -> None:
+        for ev in p.events[self.events_seen :]:
+            self._event(ev)
+        self.events_seen = len(p.events)
+        m = p.last
+        if m is None:
+            return
+        if self.interactive:
+            if self.bar is None:
+                self.bar = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[stats]}"),
+                    console=console,
+                    transient=False,
+                )
+                self.task = self.bar.add_task(p.run_name, total=self.total, stats="")
+                self.bar.start()
+            self.bar.update(self.task, completed=m["step"] + 1, stats=_fmt(m, p.max_vio))
+        else:
+            for entry in p.metrics:
+                step = entry["step"]
+                if step > self.logged_step and (
+                    (step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.total
+                ):
+                    console.print(f"step {step + 1}/{self.total} {_fmt(entry, p.max_vio)}", highlight=False)
+                    self.logged_step = step
+
+    def _event(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "placement":
+            text = f"{'resumed at step ' + str(ev['step']) + ': ' if ev.get('resumed') else ''}{ev['detail']}"
+        elif kind == "eval":
+            text = f"eval @ step {ev['step']}: val loss {ev['val_loss']:.4f}, MaxVio_global {ev['max_vio_global_mean']:.3f}"
+        elif kind == "checkpoint":
+            text = f"checkpoint @ step {ev['step']}"
+        else:
+            return
+        (self.bar.console if self.bar else console).print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

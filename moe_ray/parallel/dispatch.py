@@ -1,0 +1,69 @@
+"""Expert-parallel token dispatch (DESIGN 5.2): rows go to the ranks that own their experts by
+`all_to_all_single` (the only all-to-all gloo supports) and come back the same way.
+
+Both all-to-alls are autograd functions whose backward is the reverse all-to-all, so every rank
+takes part in the same collectives forward and backward, including a rank that sends or
+receives no rows at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_ray.model.experts import GroupedExperts
+from moe_ray.model.permutation import inverse_permutation, permute_rows
+
+
+class AllToAll(torch.autograd.Function):
+    """x split by `send` row counts -> rows received from every rank, `recv` counts each."""
+
+    @staticmethod
+    def forward(ctx, x, send: list[int], recv: list[int], group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    return AllToAll.apply(x, send, recv, group)
+
+
+class ExpertParallelDispatcher:
+    """Implements the TokenDispatcher protocol of moe_ray.model.moe across an EP group."""
+
+    def __init__(self, group, ep_size: int, n_experts: int):
+        self.group = group
+        self.ep_size = ep_size
+        self.per_rank = n_experts // ep_size
+        self.bytes_sent = 0  # activations sent by the forward all-to-alls (for the benchmarks)
+
+    def __call__(
+        self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
+    ) -> torch.Tensor:
+        ep, per_rank = self.ep_size, self.per_rank
+        # counts_to[r, e]: my rows for local expert e of EP rank r. Exchange them so that
+        # counts_from[r, e] says how many rows rank r sends me for my local expert e.
+        counts_to = counts.view(ep, per_rank)
+        counts_from = torch.empty_like(counts_to)
+        dist.all_to_all_single(counts_from, counts_to.contiguous(), group=self.group)
+        send = counts_to.sum(dim=1).tolist()
+        recv = counts_from.sum(dim=1).tolist()
+        received = all_to_all(rows, send, recv, self.group)
+        received_gates = all_to_all(gates, send, recv, self.group)
+        # Received rows are ordered (source rank, local expert); experts need them by expert.
+        expert_of_row = torch.arange(per_rank, device=rows.device).repeat(ep).repeat_interleave(counts_from.flatten())
+        perm = torch.argsort(expert_of_row, stable=True)
+        inverse = inverse_permutation(perm)
+        out = experts(
+            permute_rows(received, perm, inverse), counts_from.sum(dim=0), permute_rows(received_gates, perm, inverse)
+        )
+        self.bytes_sent += 2 * rows.shape[0] * rows.shape[1] * rows.element_size()
+        return all_to_all(permute_rows(out, inverse, perm), recv, send, self.group)

@@ -1,0 +1,1 @@
+"""The Ray runtime: the coordinator actor, the expert workers (Ray Train) and the driver."""

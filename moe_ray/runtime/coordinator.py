@@ -1,0 +1,155 @@
+"""The coordinator (DESIGN 5.1, 5.2): one async Ray actor per run, the single source of truth
+for the balance bias b.
+
+Every worker sends its per-layer expert counts right after its forward pass and, in the same
+breath, asks for the bias of the next step; it only waits for that answer after its optimizer
+step. When the last worker's counts of a step arrive, the coordinator sums them and applies the
+bias rule (DESIGN 3.1) once, so every worker routes the next step with exactly the same bias.
+An async actor is required: a bias request waits for the other workers' counts without
+blocking them.
+
+Workers of one worker-group start share a `generation`; counts from an older generation (a
+worker group that was torn down) are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import ray
+import torch
+
+from moe_ray.balance import bias_update_speed, max_violation, update_bias
+from moe_ray.config import BalanceConfig
+
+
+class StaleGeneration(Exception):
+    """The caller belongs to a worker group the coordinator no longer serves."""
+
+
+class CoordinatorState:
+    """Plain-Python core of the coordinator, usable (and tested) without Ray."""
+
+    def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int):
+        self.balance = BalanceConfig.model_validate(balance)
+        self.total_steps = total_steps
+        self.bias = torch.zeros(n_layers, n_experts, dtype=torch.float32)
+        self.bias_version = 0  # the step this bias is for
+        self.recent: dict[int, torch.Tensor] = {0: self.bias}  # version -> bias, the last few
+        self.generation = 0
+        self.world_size = 0
+        self.pending: dict[int, dict[int, np.ndarray]] = {}
+        self.done: dict[int, asyncio.Event] = {}
+        self.load_history: list[dict] = []  # per step: summed counts, MaxVio per layer, bias range
+        self.metrics: list[dict] = []  # rank 0's step metrics
+        self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints
+        self.desired_workers: int | None = None
+
+    def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
+        """A worker group (re)starts at `step`; `bias` is the bias its checkpoint holds."""
+        self.generation += 1
+        self.world_size = world_size
+        if bias is not None:
+            self.bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
+        self.bias_version = step
+        self.recent = {step: self.bias}
+        self.pending.clear()
+        for ev in self.done.values():
+            ev.set()  # release any waiter of the old generation; it will see the new generation
+        self.done.clear()
+        self.load_history = [h for h in self.load_history if h["step"] < step]
+        self.metrics = [m for m in self.metrics if m["step"] < step]
+        self.events.append(
+            {
+                "event": "start",
+                "step": step,
+                "world_size": world_size,
+                "time": time.time(),
+                "generation": self.generation,
+            }
+        )
+        return self.generation
+
+    def _event(self, step: int) -> asyncio.Event:
+        return self.done.setdefault(step, asyncio.Event())
+
+    def submit_counts(self, generation: int, step: int, rank: int, counts: np.ndarray) -> None:
+        if generation != self.generation:
+            return  # a worker of a torn-down group
+        got = self.pending.setdefault(step, {})
+        got[rank] = np.asarray(counts, dtype=np.int64)
+        if len(got) == self.world_size:
+            total = torch.from_numpy(sum(got.values()))
+            gamma = bias_update_speed(self.balance, step, self.total_steps)
+            self.bias = update_bias(self.bias, total, gamma)
+            self.bias_version = step + 1
+            self.recent[step + 1] = self.bias
+            self.recent.pop(step - 3, None)
+            vio = max_violation(total)
+            self.load_history.append(
+                {
+                    "step": step,
+                    "counts": total.numpy(),
+                    "max_vio": vio.tolist(),
+                    "bias_min": self.bias.min(dim=-1).values.tolist(),
+                    "bias_max": self.bias.max(dim=-1).values.tolist(),
+                }
+            )
+            del self.pending[step]
+            self._event(step).set()
+
+    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray]:
+        """The bias for step + 1, once every worker's counts of `step` are in."""
+        if generation != self.generation:
+            raise StaleGeneration(f"generation {generation} is over (now {self.generation})")
+        if self.bias_version <= step:
+            await self._event(step).wait()
+            if generation != self.generation:
+                raise StaleGeneration(f"generation {generation} ended while waiting")
+        self.done.pop(step, None)
+        return step + 1, self.recent[step + 1].numpy().copy()
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    """Ray actor around CoordinatorState. Async: a `get_bias` waits without blocking the others."""
+
+    def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int):
+        self.state = CoordinatorState(n_layers, n_experts, balance, total_steps)
+
+    async def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
+        return self.state.begin(step, world_size, bias)
+
+    async def submit_counts(self, generation: int, step: int, rank: int, counts: np.ndarray) -> None:
+        self.state.submit_counts(generation, step, rank, counts)
+
+    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray]:
+        return await self.state.get_bias(generation, step)
+
+    async def current_bias(self) -> tuple[int, np.ndarray]:
+        return self.state.bias_version, self.state.bias.numpy().copy()
+
+    async def record(self, entry: dict) -> None:
+        """Rank 0's metrics of a step, or an event (eval, checkpoint) when it has an 'event' key."""
+        (self.state.events if "event" in entry else self.state.metrics).append(entry)
+
+    async def progress(self, metrics_from: int, events_from: int) -> dict:
+        s = self.state
+        return {
+            "metrics": s.metrics[metrics_from:],
+            "events": s.events[events_from:],
+            "bias_version": s.bias_version,
+            "max_vio": s.load_history[-1]["max_vio"] if s.load_history else None,
+        }
+
+    async def load_history(self) -> list[dict]:
+        return self.state.load_history
+
+    async def ping(self) -> bool:
+        return True
+
+
+def coordinator_name(run_name: str) -> str:
+    return f"moe-ray-coordinator:{run_name}"

@@ -1,0 +1,119 @@
+"""Turn a job's data section into train/val token streams (DESIGN 5.4).
+
+The built-in corpus needs nothing; user data (a local path or s3:// URI, file or folder) is read
+with Ray Data in a fixed order, tokenised, and split by document (every n-th document is
+validation text). The driver does this once and hands the arrays to every worker through the
+object store, so all workers see the identical stream whatever their number.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from moe_ray.data import TokenSplits, builtin_corpus
+from moe_ray.spec import DataConfig
+from moe_ray.storage import s3
+from moe_ray.storage.location import Location
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message says what to fix."""
+
+
+def _format(cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    src = cfg.source.rstrip("/").lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".txt", "text")):
+        if src.endswith(ext):
+            return fmt
+    raise DataError(f"cannot tell the format of {cfg.source!r}: set data.format to text, jsonl or parquet")
+
+
+def read_documents(cfg: DataConfig) -> list[str]:
+    import ray.data
+
+    fmt = _format(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same documents in the same order every time
+    src = cfg.source
+    if not src.startswith("s3://") and not Path(src).exists():
+        raise DataError(f"data.source {src!r} does not exist")
+    kwargs = {}
+    if src.startswith("s3://"):
+        kwargs["filesystem"] = Location(src).ray_storage()[1]
+        src = src[5:]
+    if fmt == "text":
+        ds = ray.data.read_text(src, **kwargs)
+        field = "text"
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(src, lines=True, **kwargs)
+        field = cfg.text_field
+    else:
+        ds = ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs)
+        field = cfg.text_field
+    docs, total = [], 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
+        if field not in batch.column_names:
+            raise DataError(f"{cfg.source}: no field {field!r} (has {batch.column_names}); set data.text_field")
+        for text in batch.column(field).to_pylist():
+            if text:
+                docs.append(text)
+                total += len(text)
+        if total >= cfg.max_bytes:
+            break
+    if len(docs) < 2:
+        raise DataError(f"{cfg.source}: found {len(docs)} non-empty document(s); need at least 2 (train + val)")
+    return docs
+
+
+def load_tokenizer(spec: str):
+    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
+    if spec == "bytes":
+        return None
+    from tokenizers import Tokenizer
+
+    if spec.startswith("s3://"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            f.write(s3.read_bytes(Location(spec)))
+            f.flush()
+            return Tokenizer.from_file(f.name)
+    if not Path(spec).is_file():
+        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
+    return Tokenizer.from_file(spec)
+
+
+def tokenize(docs: list[str], tokenizer) -> list[np.ndarray]:
+    if tokenizer is None:
+        return [np.frombuffer((d + "\n").encode("utf-8"), dtype=np.uint8) for d in docs]
+    ids = tokenizer.encode_batch(docs)
+    return [np.asarray(e.ids, dtype=np.int32) for e in ids]
+
+
+def load_token_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
+    if cfg.source == "builtin":
+        if cfg.tokenizer != "bytes":
+            raise DataError("the built-in corpus uses byte tokens: set data.tokenizer to 'bytes'")
+        return builtin_corpus(cfg.max_bytes)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise DataError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {vocab_size}: "
+            "raise model.vocab_size"
+        )
+    docs = read_documents(cfg)
+    pieces = tokenize(docs, tokenizer)
+    nth = cfg.val_every_nth_doc
+    val_ids = {i for i in range(len(pieces)) if i % nth == nth - 1} or {len(pieces) - 1}
+    val = [p for i, p in enumerate(pieces) if i in val_ids]
+    train = [p for i, p in enumerate(pieces) if i not in val_ids]
+    dtype = np.uint8 if tokenizer is None else np.int32
+    return TokenSplits(
+        train=np.concatenate(train).astype(dtype),
+        val=np.concatenate(val).astype(dtype),
+        description=f"{cfg.source}: {len(docs)} documents, {sum(map(len, train)):,} train / "
+        f"{sum(map(len, val)):,} val tokens",
+    )

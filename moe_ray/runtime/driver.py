@@ -1,0 +1,227 @@
+"""The driver (DESIGN 5.1): validates storage, connects to Ray, starts the coordinator and the
+worker group (Ray Train `TorchTrainer`), streams progress, reports the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from moe_ray.runtime.coordinator import Coordinator, coordinator_name
+from moe_ray.runtime.data_loading import load_token_splits
+from moe_ray.runtime.worker import train_loop_per_worker
+from moe_ray.spec import JobSpec, default_run_name
+from moe_ray.storage import s3
+from moe_ray.storage.catalog import list_checkpoints, run_location
+from moe_ray.storage.location import Location
+
+log = logging.getLogger("moe_ray.driver")
+
+# Ray Train's own chatter (controller state, worker-group start lines) is not for our users.
+_QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+class RunError(Exception):
+    """A run that cannot start or did not finish; the message says why and what to do."""
+
+
+@dataclass
+class Progress:
+    """What the driver has seen of a run so far; handed to the progress callback."""
+
+    run_name: str
+    total_steps: int
+    metrics: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    max_vio: list[float] | None = None
+
+    @property
+    def last(self) -> dict | None:
+        return self.metrics[-1] if self.metrics else None
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    run_location: str
+    checkpoint: str | None
+    final_step: int
+    train_loss: float | None
+    val_loss: float | None
+    max_vio_global: list[float] | None
+    progress: Progress
+    load_history: list[dict]
+    seconds: float
+
+
+def prepare_storage(job: JobSpec) -> Location:
+    loc = Location(job.checkpoint.storage)
+    if loc.is_s3:
+        s3.check_writable(loc)
+    else:
+        try:
+            loc.local_path.mkdir(parents=True, exist_ok=True)
+            probe = loc.local_path / ".moe-ray-write-check"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise s3.StorageError(f"cannot write to checkpoint.storage {loc}: {err}") from None
+    return loc
+
+
+def resolve_run_name(job: JobSpec, resume: str | bool | None, run_name: str | None) -> str:
+    """A fresh, unique name; or, with `resume`, the named run or the newest run of this job."""
+    if not resume:
+        return run_name or default_run_name(job)
+    if isinstance(resume, str):
+        if not list_checkpoints(run_location(job.checkpoint.storage, resume)):
+            raise RunError(f"--resume {resume}: no checkpoints under {run_location(job.checkpoint.storage, resume)}")
+        return resume
+    root = Location(job.checkpoint.storage)
+    if root.is_s3:
+        names = {o["Key"][len(root.prefix) :].lstrip("/").split("/", 1)[0] for o in s3.list_objects(root)}
+    else:
+        names = {p.name for p in root.local_path.iterdir() if p.is_dir()} if root.local_path.is_dir() else set()
+    runs = sorted(n for n in names if n.startswith(job.name + "-") and list_checkpoints(root.child(n)))
+    if not runs:
+        raise RunError(f"--resume: no run of job {job.name!r} with checkpoints under {root}")
+    return runs[-1]  # names end in a timestamp, so the last sorts newest
+
+
+def connect(address: str | None, job: JobSpec) -> bool:
+    """Join the cluster at `address`, or start an embedded local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": _QUIET_ENV}
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+        return False
+    need = int(job.resources.workers * job.resources.cpus_per_worker + 0.999)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, need),
+        include_dashboard=False,
+        runtime_env=env,
+        logging_level=logging.WARNING,
+        log_to_driver=os.environ.get("MOE_RAY_WORKER_LOGS", "0") == "1",
+    )
+    return True
+
+
+def _use_gpu(job: JobSpec) -> bool:
+    if job.resources.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(job.resources.use_gpu)
+
+
+def run_job(
+    job: JobSpec,
+    *,
+    address: str | None = None,
+    resume: str | bool | None = None,
+    run_name: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    poll_s: float = 0.5,
+) -> RunResult:
+    start = time.time()
+    prepare_storage(job)
+    run_name = resolve_run_name(job, resume, run_name)
+    started = connect(address, job)
+    try:
+        return _run(job, run_name, on_progress, poll_s, start)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) -> RunResult:
+    data = load_token_splits(job.data, job.model.vocab_size)
+    data_ref = ray.put(data)
+    coordinator = Coordinator.options(name=coordinator_name(run_name)).remote(
+        job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps
+    )
+    storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
+    use_gpu = _use_gpu(job)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "run_name": run_name,
+            "coordinator": coordinator_name(run_name),
+            "data": data_ref,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=job.resources.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # surfaced in the driver thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
+    thread.start()
+    progress = Progress(run_name=run_name, total_steps=job.train.steps)
+    while True:
+        alive = thread.is_alive()
+        try:
+            update = ray.get(coordinator.progress.remote(len(progress.metrics), len(progress.events)), timeout=30)
+            progress.metrics += update["metrics"]
+            progress.events += update["events"]
+            progress.max_vio = update["max_vio"] or progress.max_vio
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass
+        if on_progress:
+            on_progress(progress)
+        if not alive:
+            break
+        thread.join(timeout=poll_s)
+    history = ray.get(coordinator.load_history.remote())
+    if "error" in outcome:
+        raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
+    result = outcome["result"]
+    summary = next((e for e in reversed(progress.events) if e.get("event") == "eval"), {})
+    last = progress.last or {}
+    return RunResult(
+        run_name=run_name,
+        run_location=str(run_location(job.checkpoint.storage, run_name)),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        final_step=last.get("step", -1) + 1,
+        train_loss=last.get("loss"),
+        val_loss=summary.get("val_loss"),
+        max_vio_global=summary.get("max_vio_global"),
+        progress=progress,
+        load_history=history,
+        seconds=time.time() - start,
+    )
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost worker error, without Ray's wrapping."""
+    seen = err
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

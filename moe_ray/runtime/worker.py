@@ -1,0 +1,279 @@
+"""The expert worker: the Ray Train loop that every worker runs (DESIGN 5.1, 5.2).
+
+Each worker holds a data-parallel replica of the dense parts and one block of routed experts,
+trains on its share of every global batch, exchanges tokens with the other workers by
+all-to-all, and routes with the bias the coordinator hands out.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from moe_ray.data import TokenSplits, eval_windows, sample_windows
+from moe_ray.parallel.expert_parallel import apply_expert_parallel
+from moe_ray.parallel.grads import ExpertParallelGradients
+from moe_ray.parallel.groups import build_groups
+from moe_ray.parallel.placement import ExpertPlacement
+from moe_ray.runtime.coordinator import StaleGeneration
+from moe_ray.spec import JobSpec
+from moe_ray.storage import checkpoint as ckpt
+from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
+from moe_ray.system import tune_cpu_allocator
+from moe_ray.train.evaluate import evaluate
+from moe_ray.train.optim import build_optimizer
+from moe_ray.train.step import train_step
+from moe_ray.train.trainer import build_model
+
+log = logging.getLogger("moe_ray.worker")
+
+
+def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(first global sample index, count) of `rank`'s share of a global batch."""
+    base, extra = divmod(batch_size, world_size)
+    count = base + (1 if rank < extra else 0)
+    first = rank * base + min(rank, extra)
+    return first, count
+
+
+class CoordinatorBias:
+    """BiasSource over the coordinator actor: send counts and ask for the next bias in the
+    same breath, wait for the answer only after the optimizer step (DESIGN 5.2)."""
+
+    def __init__(self, coordinator, generation: int, rank: int):
+        self.coordinator, self.generation, self.rank = coordinator, generation, rank
+        self.pending = None
+        self.version = None
+
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        self.coordinator.submit_counts.remote(self.generation, step, self.rank, counts.cpu().numpy())
+        self.pending = self.coordinator.get_bias.remote(self.generation, step)
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        try:
+            version, bias = ray.get(self.pending)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, StaleGeneration):
+                raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
+            raise
+        if version != step + 1:
+            raise RuntimeError(f"coordinator returned bias version {version} for step {step + 1}")
+        self.version = version
+        return torch.from_numpy(bias)
+
+
+def all_gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@dataclass
+class WorkerContext:
+    job: JobSpec
+    run_name: str
+    rank: int
+    world_size: int
+    device: torch.device
+    placement: ExpertPlacement
+
+
+def _candidate_checkpoints(job: JobSpec, run_name: str):
+    """Ray Train's latest checkpoint first, then the run's older ones, newest first."""
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        yield latest
+    path, fs = run_location(job.checkpoint.storage, run_name).ray_storage()
+    for info in reversed(list_checkpoints(run_location(job.checkpoint.storage, run_name))):
+        if latest is None or not latest.path.rstrip("/").endswith(info.name):
+            yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
+
+
+def restore(ctx: WorkerContext, model, optimizer) -> tuple[int, np.ndarray | None]:
+    """Load the newest checkpoint that verifies; (next step, bias) or (0, None) for a fresh run."""
+    initial = None
+    for candidate in _candidate_checkpoints(ctx.job, ctx.run_name):
+        if initial is None:  # a checkpoint that fails half-way must not leave half-loaded weights
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            with candidate.as_directory() as folder:
+                state = ckpt.load(Path(folder), model, optimizer)
+                torch.set_rng_state(ckpt.load_rng(Path(folder)))
+        except (ckpt.CheckpointError, OSError) as err:
+            log.warning("skipping checkpoint %s: %s", candidate.path, err)
+            model.load_state_dict(initial)
+            optimizer.state.clear()
+            continue
+        bias = model.get_expert_bias().cpu().numpy()
+        # Every rank must agree on which checkpoint it resumed from.
+        steps = all_gather(state.step)
+        if len(set(steps)) != 1:
+            raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
+        return state.step, bias
+    steps = all_gather(0)
+    if len(set(steps)) != 1:
+        raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
+    return 0, None
+
+
+def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metrics: dict, summary: dict) -> None:
+    """Every rank writes its shard; rank 0 adds the dense state and the index; one report."""
+    with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
+        folder = Path(tmp)
+        files = []
+        if ctx.rank < ctx.placement.ep_size:  # the first EP group holds every expert once
+            files.append(ckpt.write_experts(folder, model, optimizer))
+        if ctx.rank == 0:
+            state = {
+                "step": next_step,
+                "samples_seen": next_step * ctx.job.train.batch_size,
+                "seed": ctx.job.train.seed,
+                "world_size": ctx.world_size,
+                "ep_size": ctx.placement.ep_size,
+                "run_name": ctx.run_name,
+                "job": ctx.job.model_dump(mode="json"),
+                "summary": summary,
+            }
+            files += ckpt.write_dense(folder, model, optimizer, state)
+        entries = [e for rank_entries in all_gather([ckpt.file_entry(f) for f in files]) for e in rank_entries]
+        if ctx.rank == 0:
+            ckpt.write_index(folder, entries, next_step)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(next_step))
+
+
+def distributed_eval(ctx: WorkerContext, model, windows: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """Validation loss and counts over the whole set, each rank evaluating its share of every batch."""
+    first, count = batch_share(windows[0].shape[0], ctx.world_size, ctx.rank)
+    result = evaluate(model, [w[first : first + count] for w in windows], ctx.job.train.precision)
+    loss = all_reduce_sum(torch.tensor([result.loss * count / windows[0].shape[0]], dtype=torch.float64), ctx.device)
+    return float(loss), all_reduce_sum(result.counts.to(torch.int64), ctx.device)
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum over all ranks; moved to the device for NCCL, which cannot reduce CPU tensors."""
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job = JobSpec.model_validate(config["job"])
+    run_name = config["run_name"]
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        tune_cpu_allocator()
+        torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
+    data: TokenSplits = ray.get(config["data"])
+    coordinator = ray.get_actor(config["coordinator"])
+
+    node_ids = all_gather(ray.get_runtime_context().get_node_id())
+    placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size, node_ids)
+    groups = build_groups(placement, rank)
+    ctx = WorkerContext(job, run_name, rank, world, device, placement)
+
+    model = build_model(job.model, job.balance, job.train.seed, device)
+    apply_expert_parallel(model, placement, rank, groups)
+    optimizer = build_optimizer(model, job.train)
+    start_step, bias = restore(ctx, model, optimizer)
+    generation = None
+    if rank == 0:
+        generation = ray.get(coordinator.begin.remote(start_step, world, bias))
+        ray.get(
+            coordinator.record.remote(
+                {
+                    "event": "placement",
+                    "step": start_step,
+                    "detail": placement.describe(),
+                    "resumed": start_step > 0,
+                }
+            )
+        )
+    generation = broadcast(generation)
+    # The coordinator's bias is the truth from here on (it equals the checkpoint's on a restore).
+    model.set_expert_bias(torch.from_numpy(ray.get(coordinator.current_bias.remote())[1]))
+
+    cfg = job.train
+    window = cfg.seq_len + 1 + job.model.mtp.depth
+    first, count = batch_share(cfg.batch_size, world, rank)
+    val = [w.to(device) for w in eval_windows(data.val, window, cfg.batch_size, cfg.eval_batches)]
+    bias_source = CoordinatorBias(coordinator, generation, rank)
+    grads = ExpertParallelGradients(model, groups)
+    every = job.checkpoint.every
+    summary: dict = {}
+    for step in range(start_step, cfg.steps):
+        batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
+        res = train_step(
+            model,
+            optimizer,
+            batch,
+            step,
+            cfg,
+            bias_source,
+            loss_scale=count / cfg.batch_size,
+            sync_gradients=grads.sync,
+            clip=grads.clip,
+        )
+        # Global means of the losses (each rank's share weighted by its batch share).
+        losses = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss], dtype=torch.float64)
+        losses = all_reduce_sum(losses * (count / cfg.batch_size), device)
+        tokens = cfg.batch_size * cfg.seq_len
+        metrics = {
+            "step": step,
+            "loss": float(losses[0]),
+            "lm_loss": float(losses[1]),
+            "mtp_loss": float(losses[2]),
+            "balance_loss": float(losses[3]),
+            "lr": res.lr,
+            "grad_norm": res.grad_norm,
+            "step_time": res.seconds,
+            "tokens_per_s": tokens / res.seconds,
+            "time": time.time(),
+        }
+        if rank == 0:
+            coordinator.record.remote(metrics)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            val_loss, val_counts = distributed_eval(ctx, model, val)
+            if rank == 0:
+                coordinator.record.remote(_eval_event(done, val_loss, val_counts))
+        if done == cfg.steps:
+            val_loss, val_counts = distributed_eval(ctx, model, val)
+            summary = _eval_event(done, val_loss, val_counts) | {"train_loss": metrics["loss"]}
+            if rank == 0:
+                coordinator.record.remote(summary)
+            save_checkpoint(ctx, model, optimizer, done, metrics | {"val_loss": val_loss}, summary)
+        elif every and done % every == 0:
+            save_checkpoint(ctx, model, optimizer, done, metrics, summary)
+            if rank == 0:
+                coordinator.record.remote({"event": "checkpoint", "step": done})
+
+
+def _eval_event(step: int, loss: float, counts: torch.Tensor) -> dict:
+    from moe_ray.balance import max_violation
+
+    vio = max_violation(counts)
+    return {
+        "event": "eval",
+        "step": step,
+        "val_loss": loss,
+        "max_vio_global": vio.tolist(),
+        "max_vio_global_mean": float(vio.mean()) if vio.numel() else 0.0,
+    }

@@ -1,0 +1,167 @@
+"""Job specs: one YAML file -> one validated JobSpec (DESIGN 6).
+
+Every section rejects unknown keys. Errors are collected, not raised one at a time, so a user
+sees every problem of a job file at once, each named by its dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, model_validator
+
+from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
+
+
+class DataConfig(Strict):
+    # "builtin": the standard-library corpus; otherwise a local path or s3:// URI (file or folder).
+    source: str = "builtin"
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"  # JSONL field / Parquet column holding the text
+    # "bytes": byte-level tokens (vocab 256); otherwise a path or s3:// URI of a tokenizer.json.
+    tokenizer: str = "bytes"
+    val_every_nth_doc: PositiveInt = 20  # every n-th document goes to the validation split
+    max_bytes: PositiveInt = 64 * 2**20  # cap on the text read (the built-in corpus is ~30 MB)
+
+
+class ResourcesConfig(Strict):
+    workers: PositiveInt = 2
+    # auto: one GPU per worker when the cluster has GPUs, else CPU workers.
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Expert-parallel group size; None = all workers (pure EP). Must divide workers and experts.
+    ep_size: PositiveInt | None = None
+
+
+class CheckpointSpec(Strict):
+    # A local folder or s3://bucket/prefix. Runs are folders below it, named after the run.
+    storage: str = "./runs"
+    every: int = Field(100, ge=0)  # steps between checkpoints; 0 = only at the end
+    keep: PositiveInt = 3  # newest complete checkpoints kept; older ones are pruned
+
+
+class JobSpec(Strict):
+    name: str = Field("moe-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        workers, moe = self.resources.workers, self.model.moe
+        ep = self.resources.ep_size or workers
+        problems = []
+        if workers % ep:
+            problems.append(f"resources.ep_size={ep} must divide resources.workers={workers}")
+        if moe.n_routed_experts % ep:
+            problems.append(
+                f"the expert-parallel size {ep} must divide model.moe.n_routed_experts={moe.n_routed_experts} "
+                "(set resources.ep_size or change the worker count)"
+            )
+        if self.train.batch_size < workers:
+            problems.append(
+                f"train.batch_size={self.train.batch_size} is smaller than resources.workers={workers}: "
+                "every worker needs at least one sequence per step"
+            )
+        if self.train.seq_len > self.model.max_seq_len:
+            problems.append(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.data.tokenizer == "bytes" and self.model.vocab_size < 256:
+            problems.append(f"byte-level tokens need model.vocab_size >= 256, got {self.model.vocab_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def ep_size(self) -> int:
+        return self.resources.ep_size or self.resources.workers
+
+
+class JobSpecError(Exception):
+    """A job file that cannot be used; `problems` lists (dotted path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}: {m}" for p, m in problems]
+        super().__init__("\n".join(lines))
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(job)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see jobs/ for the allowed keys)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append((path, msg))
+    return out
+
+
+def parse_job(data: dict[str, Any], source: str = "job") -> JobSpec:
+    if not isinstance(data, dict):
+        raise JobSpecError(source, [("(job)", "a job file must be a YAML mapping of sections")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(source, _problems(err)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """`key.sub=value` overrides; the value is read as YAML (so 8, 1e-3, true, [1, 2] work)."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append((item, "an override must look like key.sub=value"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                problems.append((key, f"{part} is not a section"))
+                break
+            node = node.setdefault(part, {})
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise JobSpecError(source, problems)
+    return data
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(str(path), [("(file)", "no such job file")])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise JobSpecError(str(path), [("(yaml)", str(err))]) from None
+    if not isinstance(data, dict):
+        raise JobSpecError(str(path), [("(job)", "a job file must be a YAML mapping of sections")])
+    return parse_job(apply_overrides(data, overrides or []), str(path))
+
+
+def dump_job(job: JobSpec) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+
+
+_RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def default_run_name(job: JobSpec) -> str:
+    import time
+
+    return _RUN_NAME.sub("-", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 1000:03d}")

@@ -1,0 +1,1 @@
+"""Where checkpoints live (a folder or S3) and their format."""

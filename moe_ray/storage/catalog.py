@@ -1,0 +1,88 @@
+"""Listing a run's checkpoints (local folder or S3) and pruning old ones."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+
+from moe_ray.storage import s3
+from moe_ray.storage.checkpoint import INDEX
+from moe_ray.storage.location import Location
+
+CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass
+class CheckpointInfo:
+    name: str
+    step: int
+    size: int  # bytes
+    complete: bool  # has an index listing every file it holds, with matching sizes
+    location: Location
+
+
+def run_location(storage: str, run_name: str) -> Location:
+    return Location(storage).child(run_name)
+
+
+def list_checkpoints(run: Location) -> list[CheckpointInfo]:
+    """The run's checkpoints, oldest first."""
+    files: dict[str, dict[str, int]] = {}
+    if run.is_s3:
+        base = run.prefix + "/"
+        for obj in s3.list_objects(run):
+            rel = obj["Key"][len(base) :]
+            if "/" in rel:
+                folder, name = rel.split("/", 1)
+                files.setdefault(folder, {})[name] = obj["Size"]
+        read_index = lambda folder: json.loads(s3.read_bytes(run.child(folder, INDEX)))  # noqa: E731
+    else:
+        root = run.local_path
+        if not root.is_dir():
+            return []
+        for folder in root.iterdir():
+            if folder.is_dir():
+                files[folder.name] = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        read_index = lambda folder: json.loads((root / folder / INDEX).read_text())  # noqa: E731
+    out = []
+    for folder, names in files.items():
+        m = CHECKPOINT_DIR.match(folder)
+        if not m:
+            continue
+        complete = False
+        if INDEX in names:
+            try:
+                index = read_index(folder)
+                complete = all(names.get(e["name"]) == e["size"] for e in index["files"])
+            except (ValueError, KeyError, OSError):
+                complete = False
+        out.append(CheckpointInfo(folder, int(m[1]), sum(names.values()), complete, run.child(folder)))
+    return sorted(out, key=lambda c: c.step)
+
+
+def delete_checkpoint(info: CheckpointInfo) -> None:
+    if info.location.is_s3:
+        s3.delete_prefix(info.location)
+    else:
+        shutil.rmtree(info.location.local_path)
+
+
+def prune(run: Location, keep: int) -> list[CheckpointInfo]:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than
+    the newest complete one. Never deletes the newest complete checkpoint."""
+    ckpts = list_checkpoints(run)
+    complete = [c for c in ckpts if c.complete]
+    keep_names = {c.name for c in complete[-keep:]} if keep > 0 else set()
+    newest = complete[-1].step if complete else -1
+    doomed = [c for c in ckpts if c.name not in keep_names and (c.complete or c.step < newest)]
+    if complete:
+        doomed = [c for c in doomed if c.name != complete[-1].name]
+    for c in doomed:
+        delete_checkpoint(c)
+    return doomed

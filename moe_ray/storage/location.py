@@ -1,0 +1,63 @@
+"""A storage location: a local folder or `s3://bucket/prefix`, as Ray Train and boto3 need it.
+
+S3-compatible endpoints (MinIO, moto, ...) come from the standard AWS environment:
+AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@dataclass(frozen=True)
+class Location:
+    uri: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def bucket(self) -> str:
+        return self.uri[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix below the bucket, without slashes at either end."""
+        parts = self.uri[5:].split("/", 1)
+        return parts[1].strip("/") if len(parts) > 1 else ""
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.uri).expanduser().resolve()
+
+    def child(self, *names: str) -> Location:
+        if self.is_s3:
+            return Location("s3://" + "/".join(p for p in (self.bucket, self.prefix, *names) if p))
+        return Location(str(self.local_path.joinpath(*names)))
+
+    def ray_storage(self):
+        """(storage_path, storage_filesystem) for ray.train.RunConfig."""
+        if not self.is_s3:
+            return str(self.local_path), None
+        from pyarrow.fs import S3FileSystem
+
+        endpoint = s3_endpoint()
+        kwargs = {"region": s3_region()}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        return "/".join(p for p in (self.bucket, self.prefix) if p), S3FileSystem(**kwargs)
+
+    def __str__(self) -> str:
+        return self.uri

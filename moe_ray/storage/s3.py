@@ -1,0 +1,65 @@
+"""boto3 for what Ray Train does not do: checking a bucket before a job starts, listing and
+deleting a run's checkpoint objects, and reading small files (a tokenizer)."""
+
+from __future__ import annotations
+
+import uuid
+
+from moe_ray.storage.location import Location, s3_endpoint, s3_region
+
+
+class StorageError(Exception):
+    """Storage that cannot be used; the message says what to fix."""
+
+
+def client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+
+
+def check_writable(loc: Location) -> None:
+    """Refuse a job early when its bucket is missing or not writable with these credentials."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    s3 = client()
+    probe = "/".join(p for p in (loc.prefix, f".moe-ray-write-check-{uuid.uuid4().hex}") if p)
+    try:
+        s3.head_bucket(Bucket=loc.bucket)
+        s3.put_object(Bucket=loc.bucket, Key=probe, Body=b"ok")
+        s3.delete_object(Bucket=loc.bucket, Key=probe)
+    except NoCredentialsError:
+        raise StorageError(
+            f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)"
+        ) from None
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "?")
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"bucket {loc.bucket!r} does not exist (create it, or fix checkpoint.storage)") from None
+        if code in ("403", "AccessDenied"):
+            raise StorageError(f"no write access to {loc}: check the credentials' permissions") from None
+        raise StorageError(f"cannot write to {loc}: {code}") from None
+    except BotoCoreError as err:
+        raise StorageError(f"cannot reach S3 for {loc} (endpoint {s3_endpoint() or 'AWS'}): {err}") from None
+
+
+def list_objects(loc: Location) -> list[dict]:
+    """Every object below the location: [{"Key", "Size"}, ...]."""
+    s3 = client()
+    prefix = loc.prefix + "/" if loc.prefix else ""
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+        out.extend({"Key": o["Key"], "Size": o["Size"]} for o in page.get("Contents", []))
+    return out
+
+
+def delete_prefix(loc: Location) -> int:
+    s3 = client()
+    keys = [o["Key"] for o in list_objects(loc)]
+    for i in range(0, len(keys), 1000):
+        s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+    return len(keys)
+
+
+def read_bytes(loc: Location) -> bytes:
+    return client().get_object(Bucket=loc.bucket, Key=loc.prefix)["Body"].read()
