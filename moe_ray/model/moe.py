@@ -46,6 +46,7 @@ class LocalDispatcher:
 class MoEStats:
     counts: torch.Tensor  # (n_routed_experts,) tokens per expert in this forward pass
     balance_loss: torch.Tensor | None
+    max_nodes: int | None = None  # most nodes any token's experts sat on (node-aware routing only)
 
 
 class MoELayer(nn.Module):
@@ -75,4 +76,4 @@ class MoELayer(nn.Module):
         if self.training:
             batch_shape = (shape[0], shape[1]) if len(shape) == 3 else (1, flat.shape[0])
             loss = balance_loss(self.balance, r.scores, r.logits, r.indices, r.counts, self.top_k, batch_shape)
-        return out.view(shape).to(x.dtype), MoEStats(counts=r.counts, balance_loss=loss)
+        return out.view(shape).to(x.dtype), MoEStats(counts=r.counts, balance_loss=loss, max_nodes=r.max_nodes)

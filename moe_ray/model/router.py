@@ -19,6 +19,7 @@ class RouterOutput:
     counts: torch.Tensor  # (n_routed_experts,) tokens routed to each expert in this batch
     scores: torch.Tensor  # (tokens, n_routed_experts) fp32 affinities s (for the balance losses)
     logits: torch.Tensor  # (tokens, n_routed_experts) fp32 router logits (for the z-loss)
+    max_nodes: int | None = None  # most nodes any token reached (only with expert nodes set)
 
 
 def limit_to_groups(
@@ -83,7 +84,13 @@ class Router(nn.Module):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         gates = gates * self.cfg.routed_scaling_factor
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
-        return RouterOutput(indices=indices, gates=gates, counts=counts, scores=scores, logits=logits)
+        max_nodes = None
+        if self.n_nodes > 1 and indices.numel():
+            nodes = self.expert_node[indices].sort(dim=-1).values
+            max_nodes = int(((nodes[:, 1:] != nodes[:, :-1]).sum(dim=-1) + 1).max())
+        return RouterOutput(
+            indices=indices, gates=gates, counts=counts, scores=scores, logits=logits, max_nodes=max_nodes
+        )
 
     @torch.no_grad()
     def select(self, scores: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor
     balance_loss: torch.Tensor
     counts: torch.Tensor  # (n_moe_layers, n_routed_experts) tokens per expert in this pass
+    max_nodes: int | None = None  # most nodes any token reached in any layer (node-aware routing)
 
 
 class MoETransformer(nn.Module):
@@ -143,6 +144,7 @@ class MoETransformer(nn.Module):
             mtp_loss=mtp_loss,
             balance_loss=balance_loss,
             counts=counts,
+            max_nodes=max((s.max_nodes for s in stats if s.max_nodes is not None), default=None),
         )
 
     def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,13 @@ from moe_ray.balance import bias_update_speed, max_violation, update_bias
 from moe_ray.config import BalanceConfig
 
 
+def bias_digest(bias) -> str:
+    """A short fingerprint of a bias tensor's exact bytes: equal digests, identical biases."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(bias, dtype=np.float32)).tobytes()).hexdigest()[:16]
+
+
 class StaleGeneration(Exception):
     """The caller belongs to a worker group the coordinator no longer serves."""
 
@@ -46,6 +53,10 @@ class CoordinatorState:
         self.metrics: list[dict] = []  # rank 0's step metrics
         self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints
         self.desired_workers: int | None = None
+        # Every worker reports the digest of the bias it routed with; all must equal ours.
+        self.digests: dict[int, set[str]] = {}
+        self.bias_checks = 0
+        self.bias_mismatches: list[dict] = []
 
     def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
         """A worker group (re)starts at `step`; `bias` is the bias its checkpoint holds."""
@@ -56,6 +67,7 @@ class CoordinatorState:
         self.bias_version = step
         self.recent = {step: self.bias}
         self.pending.clear()
+        self.digests.clear()
         for ev in self.done.values():
             ev.set()  # release any waiter of the old generation; it will see the new generation
         self.done.clear()
@@ -75,12 +87,22 @@ class CoordinatorState:
     def _event(self, step: int) -> asyncio.Event:
         return self.done.setdefault(step, asyncio.Event())
 
-    def submit_counts(self, generation: int, step: int, rank: int, counts: np.ndarray) -> None:
+    def submit_counts(
+        self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
+    ) -> None:
         if generation != self.generation:
             return  # a worker of a torn-down group
         got = self.pending.setdefault(step, {})
         got[rank] = np.asarray(counts, dtype=np.int64)
+        if digest is not None:
+            self.digests.setdefault(step, set()).add(digest)
         if len(got) == self.world_size:
+            seen = self.digests.pop(step, set())
+            if seen:
+                self.bias_checks += 1
+                expected = bias_digest(self.recent[step]) if step in self.recent else None
+                if seen != {expected}:
+                    self.bias_mismatches.append({"step": step, "seen": sorted(seen), "expected": expected})
             total = torch.from_numpy(sum(got.values()))
             gamma = bias_update_speed(self.balance, step, self.total_steps)
             self.bias = update_bias(self.bias, total, gamma)
@@ -93,7 +115,8 @@ class CoordinatorState:
                     "step": step,
                     "counts": total.numpy(),
                     "max_vio": vio.tolist(),
-                    "bias_min": self.bias.min(dim=-1).values.tolist(),
+                    "bias": self.bias.numpy().copy(),  # the bias for step + 1
+                "bias_min": self.bias.min(dim=-1).values.tolist(),
                     "bias_max": self.bias.max(dim=-1).values.tolist(),
                 }
             )
@@ -122,8 +145,10 @@ class Coordinator:
     async def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
         return self.state.begin(step, world_size, bias)
 
-    async def submit_counts(self, generation: int, step: int, rank: int, counts: np.ndarray) -> None:
-        self.state.submit_counts(generation, step, rank, counts)
+    async def submit_counts(
+        self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
+    ) -> None:
+        self.state.submit_counts(generation, step, rank, counts, digest)
 
     async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray]:
         return await self.state.get_bias(generation, step)
@@ -146,6 +171,10 @@ class Coordinator:
 
     async def load_history(self) -> list[dict]:
         return self.state.load_history
+
+    async def bias_consistency(self) -> dict:
+        """How many steps had every worker's bias checked, and any step where they differed."""
+        return {"checked": self.state.bias_checks, "mismatches": self.state.bias_mismatches}
 
     async def ping(self) -> bool:
         return True

@@ -58,6 +58,7 @@ class RunResult:
     max_vio_global: list[float] | None
     progress: Progress
     load_history: list[dict]
+    bias_consistency: dict
     seconds: float
 
 
@@ -196,6 +197,7 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) 
             break
         thread.join(timeout=poll_s)
     history = ray.get(coordinator.load_history.remote())
+    consistency = ray.get(coordinator.bias_consistency.remote())
     if "error" in outcome:
         raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
     result = outcome["result"]
@@ -211,6 +213,7 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) 
         max_vio_global=summary.get("max_vio_global"),
         progress=progress,
         load_history=history,
+        bias_consistency=consistency,
         seconds=time.time() - start,
     )
 

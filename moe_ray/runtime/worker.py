@@ -24,7 +24,7 @@ from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
 from moe_ray.parallel.groups import build_groups
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.coordinator import StaleGeneration
+from moe_ray.runtime.coordinator import StaleGeneration, bias_digest
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
@@ -49,13 +49,14 @@ class CoordinatorBias:
     """BiasSource over the coordinator actor: send counts and ask for the next bias in the
     same breath, wait for the answer only after the optimizer step (DESIGN 5.2)."""
 
-    def __init__(self, coordinator, generation: int, rank: int):
-        self.coordinator, self.generation, self.rank = coordinator, generation, rank
+    def __init__(self, coordinator, generation: int, rank: int, model):
+        self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
         self.pending = None
         self.version = None
 
     def submit(self, step: int, counts: torch.Tensor) -> None:
-        self.coordinator.submit_counts.remote(self.generation, step, self.rank, counts.cpu().numpy())
+        digest = bias_digest(self.model.get_expert_bias().cpu())  # the bias this step routed with
+        self.coordinator.submit_counts.remote(self.generation, step, self.rank, counts.cpu().numpy(), digest)
         self.pending = self.coordinator.get_bias.remote(self.generation, step)
 
     def next_bias(self, step: int) -> torch.Tensor:
@@ -165,6 +166,12 @@ def distributed_eval(ctx: WorkerContext, model, windows: list[torch.Tensor]) -> 
     return float(loss), all_reduce_sum(result.counts.to(torch.int64), ctx.device)
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum over all ranks; moved to the device for NCCL, which cannot reduce CPU tensors."""
     moved = t.to(device)
@@ -214,9 +221,10 @@ def train_loop_per_worker(config: dict) -> None:
     window = cfg.seq_len + 1 + job.model.mtp.depth
     first, count = batch_share(cfg.batch_size, world, rank)
     val = [w.to(device) for w in eval_windows(data.val, window, cfg.batch_size, cfg.eval_batches)]
-    bias_source = CoordinatorBias(coordinator, generation, rank)
+    bias_source = CoordinatorBias(coordinator, generation, rank, model)
     grads = ExpertParallelGradients(model, groups)
     every = job.checkpoint.every
+    multi_node = len(set(placement.node_of_rank)) > 1
     summary: dict = {}
     for step in range(start_step, cfg.steps):
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
@@ -247,6 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens_per_s": tokens / res.seconds,
             "time": time.time(),
         }
+        if multi_node:  # the same condition on every rank: the reduce is collective
+            metrics["max_nodes_per_token"] = all_reduce_max(res.max_nodes or 0, device)
         if rank == 0:
             coordinator.record.remote(metrics)
         done = step + 1

@@ -58,6 +58,7 @@ class StepResult:
     tokens: int
     seconds: float
     counts: torch.Tensor  # this process's (n_moe_layers, n_experts) counts
+    max_nodes: int | None = None  # most nodes any token reached (node-aware routing only)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -115,4 +116,5 @@ def train_step(
         tokens=window.shape[0] * (window.shape[1] - 1 - model.cfg.mtp.depth),
         seconds=time.perf_counter() - start,
         counts=out.counts.detach().cpu(),
+        max_nodes=out.max_nodes,
     )

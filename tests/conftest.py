@@ -1,0 +1,59 @@
+"""Shared fixtures: a real local Ray per test module, and small jobs."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from moe_ray.spec import JobSpec
+
+# Keep the test processes from oversubscribing a small machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray instance for the whole module (start-up costs seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # address="local": never join a leftover cluster of an earlier test (DESIGN 9).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+def tiny_job(storage, **overrides) -> JobSpec:
+    """A job small enough for a test: 3 layers (1 dense), 8 experts, top-2, MTP depth 1."""
+    spec = {
+        "name": "t",
+        "model": {
+            "vocab_size": 256, "d_model": 32, "n_heads": 2, "n_layers": 3, "n_dense_layers": 1,
+            "max_seq_len": 64,
+            "moe": {"n_routed_experts": 8, "expert_hidden": 16, "top_k": 2},
+            "mtp": {"depth": 1},
+        },
+        "balance": {"bias_update_speed": 0.01, "seq_aux_alpha": 1e-3},
+        "data": {"max_bytes": 2_000_000},
+        "train": {"steps": 5, "batch_size": 8, "seq_len": 32, "warmup_steps": 2, "eval_every": 0,
+                  "eval_batches": 1, "log_every": 1, "lr": 1e-2},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return JobSpec.model_validate(spec)
+
+
+def copy_checkpoint_as_new_run(storage, run_name, checkpoint_name, new_run):
+    """A new run whose only checkpoint is `checkpoint_name` of `run_name` (local storage)."""
+    dst = storage / new_run / checkpoint_name
+    shutil.copytree(storage / run_name / checkpoint_name, dst)
+    return new_run

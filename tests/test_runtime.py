@@ -1,0 +1,155 @@
+"""The Ray runtime on a real local Ray: expert workers vs the single-process trainer, the
+coordinator's bias, checkpoints that reshard, and resumption."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import copy_checkpoint_as_new_run, tiny_job
+from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.data import builtin_corpus
+from moe_ray.parallel.expert_parallel import apply_expert_parallel
+from moe_ray.parallel.groups import ParallelGroups
+from moe_ray.parallel.placement import ExpertPlacement
+from moe_ray.runtime.driver import run_job
+from moe_ray.storage import checkpoint as ckpt
+from moe_ray.storage.catalog import list_checkpoints, run_location
+from moe_ray.train.optim import build_optimizer
+from moe_ray.train.trainer import Trainer, build_model
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def job(storage):
+    return tiny_job(storage, train__steps=STEPS, checkpoint__every=3)
+
+
+@pytest.fixture(scope="module")
+def ep2_run(local_ray, job):
+    """2 workers (EP=2), 6 steps, checkpoints at steps 3 and 6."""
+    return run_job(job, run_name="ep2")
+
+
+@pytest.fixture(scope="module")
+def single(job):
+    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    summary = trainer.fit()
+    return trainer, summary
+
+
+def test_ep2_matches_single_process_losses_and_parameters(ep2_run, single, storage):
+    trainer, summary = single
+    dist_losses = [m["loss"] for m in ep2_run.progress.metrics]
+    assert len(dist_losses) == STEPS
+    np.testing.assert_allclose(dist_losses, [r.loss for r in summary.history], rtol=2e-5, atol=1e-6)
+    # Parameters: the final checkpoint (written by 2 workers) loaded into one full model.
+    model = build_model(trainer.model_cfg, trainer.balance, 0, torch.device("cpu"))
+    ckpt.load(storage / "ep2" / f"step-{STEPS:08d}", model, None)
+    # Adam divides by sqrt(v): for near-zero gradients fp32 reduction-order noise moves a weight
+    # by up to ~1e-5 here, while a real fault (a missing all-reduce) moves it by ~lr = 1e-2.
+    for (name, p), (_, q) in zip(model.named_parameters(), trainer.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(model.get_expert_bias(), trainer.model.get_expert_bias())
+    assert ep2_run.val_loss == pytest.approx(summary.val.loss, rel=1e-4)
+
+
+def test_bias_identical_on_all_ranks_and_follows_the_rule(ep2_run, job):
+    # Every worker reported the digest of the bias it routed with, at every step.
+    assert ep2_run.bias_consistency == {"checked": STEPS, "mismatches": []}
+    bias = torch.zeros(job.model.n_moe_layers, job.model.moe.n_routed_experts)
+    assert [h["step"] for h in ep2_run.load_history] == list(range(STEPS))
+    moved = False
+    for h in ep2_run.load_history:
+        bias = update_bias(bias, torch.from_numpy(h["counts"]), bias_update_speed(job.balance, h["step"], STEPS))
+        assert np.array_equal(h["bias"], bias.numpy()), h["step"]
+        moved |= bool(bias.abs().sum() > 0)
+        # Counts are global: every (token, slot) of the global batch, per layer.
+        assert (h["counts"].sum(axis=1) == job.train.batch_size * job.train.seq_len * 2).all()
+    assert moved
+
+
+def shard_for(job, world, rank):
+    placement = ExpertPlacement(job.model.moe.n_routed_experts, world, tuple([0] * world))
+    model = build_model(job.model, job.balance, 123, torch.device("cpu"))  # other seed: all must come from disk
+    apply_expert_parallel(model, placement, rank, ParallelGroups(ep=None, replicas=None))
+    opt = build_optimizer(model, job.train)
+    ckpt.load(job_storage(job) / "ep2" / "step-00000003", model, opt)
+    return model, opt
+
+
+def job_storage(job):
+    from pathlib import Path
+
+    return Path(job.checkpoint.storage)
+
+
+def expert_tensors(model, opt) -> dict:
+    """{(layer, global expert, name): tensor} for weights and Adam state."""
+    out = {}
+    for layer, moe in enumerate(model.moe_layers()):
+        ex = moe.experts
+        for name in ("w13", "w2"):
+            p = getattr(ex, name)
+            for i in range(ex.n_experts):
+                e = ex.first_expert + i
+                out[(layer, e, name)] = p.detach()[i]
+                for s in ckpt.ADAM_STATE:
+                    out[(layer, e, f"{name}.{s}")] = opt.state[p][s][i]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_checkpoint_of_two_workers_reshards_bit_exact(ep2_run, job, world):
+    reference = expert_tensors(*shard_for(job, 2, 0)) | expert_tensors(*shard_for(job, 2, 1))
+    resharded = {}
+    for rank in range(world):
+        resharded |= expert_tensors(*shard_for(job, world, rank))
+    assert resharded.keys() == reference.keys()
+    n_layers, n_experts = job.model.n_moe_layers, job.model.moe.n_routed_experts
+    assert len(reference) == n_layers * n_experts * 6
+    for key, t in reference.items():
+        assert torch.equal(resharded[key], t), key
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_resume_with_another_worker_count_continues_the_same_run(ep2_run, job, storage, workers):
+    """Resume the step-3 checkpoint with 1 or 4 workers: the step-3 loss equals the
+    uninterrupted 2-worker run's, and so do the later ones."""
+    new_run = copy_checkpoint_as_new_run(storage, "ep2", "step-00000003", f"resume-{workers}")
+    resumed_job = job.model_copy(update={"resources": job.resources.model_copy(update={"workers": workers})})
+    result = run_job(resumed_job, resume=new_run)
+    placement = [e for e in result.progress.events if e.get("event") == "placement"]
+    assert placement and placement[0]["resumed"] and placement[0]["step"] == 3
+    assert f"over {workers} workers" in placement[0]["detail"]
+    uninterrupted = [m["loss"] for m in ep2_run.progress.metrics[3:]]
+    np.testing.assert_allclose([m["loss"] for m in result.progress.metrics], uninterrupted, rtol=2e-5, atol=1e-6)
+    assert [m["step"] for m in result.progress.metrics] == [3, 4, 5]
+
+
+def test_checkpoints_listed_with_steps_and_sizes(ep2_run, storage):
+    ckpts = list_checkpoints(run_location(str(storage), "ep2"))
+    assert [(c.step, c.complete) for c in ckpts] == [(3, True), (6, True)]
+    assert all(c.size > 10_000 for c in ckpts)
+
+
+def test_tampered_checkpoint_is_refused(ep2_run, storage, tmp_path):
+    import shutil
+
+    folder = tmp_path / "step-00000006"
+    shutil.copytree(storage / "ep2" / "step-00000006", folder)
+    ckpt.verify(folder)  # intact: fine
+    dense = folder / ckpt.DENSE
+    data = bytearray(dense.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    dense.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        ckpt.verify(folder)
+    (folder / ckpt.INDEX).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="never completed"):
+        ckpt.verify(folder)
