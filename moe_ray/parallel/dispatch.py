@@ -43,7 +43,7 @@ class ExpertParallelDispatcher:
         self.group = group
         self.ep_size = ep_size
         self.per_rank = n_experts // ep_size
-        self.bytes_sent = 0  # activations sent by the forward all-to-alls (for the benchmarks)
+        self.bytes_moved = 0  # activation bytes this rank sent to OTHER ranks, forward + backward
 
     def __call__(
         self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
@@ -56,8 +56,10 @@ class ExpertParallelDispatcher:
         dist.all_to_all_single(counts_from, counts_to.contiguous(), group=self.group)
         send = counts_to.sum(dim=1).tolist()
         recv = counts_from.sum(dim=1).tolist()
-        received = all_to_all(rows, send, recv, self.group)
-        received_gates = all_to_all(gates, send, recv, self.group)
+        # Gates ride along as one more column: one collective instead of two, both ways.
+        payload = torch.cat([rows, gates.unsqueeze(1).to(rows.dtype)], dim=1)
+        received, received_gates = all_to_all(payload, send, recv, self.group).split([rows.shape[1], 1], dim=1)
+        received_gates = received_gates.squeeze(1)
         # Received rows are ordered (source rank, local expert); experts need them by expert.
         expert_of_row = torch.arange(per_rank, device=rows.device).repeat(ep).repeat_interleave(counts_from.flatten())
         perm = torch.argsort(expert_of_row, stable=True)
@@ -65,5 +67,8 @@ class ExpertParallelDispatcher:
         out = experts(
             permute_rows(received, perm, inverse), counts_from.sum(dim=0), permute_rows(received_gates, perm, inverse)
         )
-        self.bytes_sent += 2 * rows.shape[0] * rows.shape[1] * rows.element_size()
+        me = dist.get_rank(self.group)
+        row_bytes = (rows.shape[1] + 1) * rows.element_size()
+        # dispatch + combine forward, and the same again backward
+        self.bytes_moved += 2 * row_bytes * ((sum(send) - send[me]) + (sum(recv) - recv[me]))
         return all_to_all(permute_rows(out, inverse, perm), recv, send, self.group)

@@ -1,9 +1,8 @@
 """The coordinator (DESIGN 5.1, 5.2): one async Ray actor per run, the single source of truth
 for the balance bias b.
 
-Every worker sends its per-layer expert counts right after its forward pass and, in the same
-breath, asks for the bias of the next step; it only waits for that answer after its optimizer
-step. When the last worker's counts of a step arrive, the coordinator sums them and applies the
+Every worker sends its per-layer expert counts right after its forward pass in a call whose
+answer is the bias of the next step; it only waits for that answer after its optimizer step. When the last worker's counts of a step arrive, the coordinator sums them and applies the
 bias rule (DESIGN 3.1) once, so every worker routes the next step with exactly the same bias.
 An async actor is required: a bias request waits for the other workers' counts without
 blocking them.
@@ -145,12 +144,12 @@ class Coordinator:
     async def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
         return self.state.begin(step, world_size, bias)
 
-    async def submit_counts(
+    async def exchange(
         self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
-    ) -> None:
+    ) -> tuple[int, np.ndarray]:
+        """A worker's counts of `step` in, the bias for step + 1 out (once every worker's counts
+        are in). One call per worker and step: the reply is the only wait."""
         self.state.submit_counts(generation, step, rank, counts, digest)
-
-    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray]:
         return await self.state.get_bias(generation, step)
 
     async def current_bias(self) -> tuple[int, np.ndarray]:

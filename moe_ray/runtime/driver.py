@@ -41,6 +41,7 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     max_vio: list[float] | None = None
+    started: float = 0.0  # time.time() when run_job was called
 
     @property
     def last(self) -> dict | None:
@@ -130,19 +131,22 @@ def run_job(
     run_name: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     poll_s: float = 0.5,
+    bias_mode: str = "coordinator",
 ) -> RunResult:
+    """Run a job to the end. `bias_mode="allreduce"` is a diagnostic (benchmarks only): workers
+    compute the bias themselves instead of asking the coordinator."""
     start = time.time()
     prepare_storage(job)
     run_name = resolve_run_name(job, resume, run_name)
     started = connect(address, job)
     try:
-        return _run(job, run_name, on_progress, poll_s, start)
+        return _run(job, run_name, on_progress, poll_s, start, bias_mode)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) -> RunResult:
+def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str) -> RunResult:
     data = load_token_splits(job.data, job.model.vocab_size)
     data_ref = ray.put(data)
     coordinator = Coordinator.options(name=coordinator_name(run_name)).remote(
@@ -157,6 +161,7 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) 
             "run_name": run_name,
             "coordinator": coordinator_name(run_name),
             "data": data_ref,
+            "bias_mode": bias_mode,
         },
         scaling_config=ScalingConfig(
             num_workers=job.resources.workers,
@@ -181,7 +186,7 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float) 
 
     thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
     thread.start()
-    progress = Progress(run_name=run_name, total_steps=job.train.steps)
+    progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
     while True:
         alive = thread.is_alive()
         try:

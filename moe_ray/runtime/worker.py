@@ -19,6 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import TokenSplits, eval_windows, sample_windows
 from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
@@ -45,9 +46,25 @@ def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     return first, count
 
 
+class AllReduceBias:
+    """Diagnostic alternative to the coordinator (used by bench/coordinator.py to price the
+    round trip): all-reduce the counts and apply the bias rule on every rank."""
+
+    def __init__(self, model, balance, total_steps: int, device):
+        self.bias, self.balance, self.total, self.device = model.get_expert_bias().cpu(), balance, total_steps, device
+        self.counts = None
+
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        self.counts = all_reduce_sum(counts.to(torch.int64), self.device)
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        self.bias = update_bias(self.bias, self.counts, bias_update_speed(self.balance, step, self.total))
+        return self.bias
+
+
 class CoordinatorBias:
-    """BiasSource over the coordinator actor: send counts and ask for the next bias in the
-    same breath, wait for the answer only after the optimizer step (DESIGN 5.2)."""
+    """BiasSource over the coordinator actor: send the counts in a call that answers with the
+    next bias, and wait for that answer only after the optimizer step (DESIGN 5.2)."""
 
     def __init__(self, coordinator, generation: int, rank: int, model):
         self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
@@ -56,8 +73,7 @@ class CoordinatorBias:
 
     def submit(self, step: int, counts: torch.Tensor) -> None:
         digest = bias_digest(self.model.get_expert_bias().cpu())  # the bias this step routed with
-        self.coordinator.submit_counts.remote(self.generation, step, self.rank, counts.cpu().numpy(), digest)
-        self.pending = self.coordinator.get_bias.remote(self.generation, step)
+        self.pending = self.coordinator.exchange.remote(self.generation, step, self.rank, counts.cpu().numpy(), digest)
 
     def next_bias(self, step: int) -> torch.Tensor:
         try:
@@ -221,7 +237,10 @@ def train_loop_per_worker(config: dict) -> None:
     window = cfg.seq_len + 1 + job.model.mtp.depth
     first, count = batch_share(cfg.batch_size, world, rank)
     val = [w.to(device) for w in eval_windows(data.val, window, cfg.batch_size, cfg.eval_batches)]
-    bias_source = CoordinatorBias(coordinator, generation, rank, model)
+    if config.get("bias_mode") == "allreduce":
+        bias_source = AllReduceBias(model, job.balance, cfg.steps, device)
+    else:
+        bias_source = CoordinatorBias(coordinator, generation, rank, model)
     grads = ExpertParallelGradients(model, groups)
     every = job.checkpoint.every
     multi_node = len(set(placement.node_of_rank)) > 1
@@ -255,6 +274,10 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens_per_s": tokens / res.seconds,
             "time": time.time(),
         }
+        moved = sum(getattr(layer.dispatcher, "bytes_moved", 0) for layer in model.moe_layers())
+        for layer in model.moe_layers():
+            layer.dispatcher.bytes_moved = 0
+        metrics["a2a_bytes"] = int(all_reduce_sum(torch.tensor([moved], dtype=torch.int64), device))
         if multi_node:  # the same condition on every rank: the reduce is collective
             metrics["max_nodes_per_token"] = all_reduce_max(res.max_nodes or 0, device)
         if rank == 0:

@@ -1,0 +1,57 @@
+"""Run every benchmark, collect their JSON lines into bench/results/latest.json and a Markdown
+table (bench/results/latest.md).
+
+    python bench/run_all.py [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["moe_layer.py", "dispatch.py", "coordinator.py"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="long settings (default: quick)")
+    args = parser.parse_args()
+    rows, failed = [], []
+    for name in BENCHES:
+        cmd = [sys.executable, str(HERE / name)] + ([] if args.full else ["--quick"])
+        print(f"# {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                print(line, flush=True)
+                rows.append(json.loads(line))
+        if proc.returncode:
+            failed.append(name)
+            print(proc.stderr[-3000:], file=sys.stderr)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "mode": "full" if args.full else "quick", **machine()}
+    (out / "latest.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
+    lines = [
+        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, torch {meta['torch']} ({meta['mode']}).",
+        "",
+        "| bench | metric | value | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['bench']} | {r['metric']} | {r['value']} | {r.get('target', '')} |" for r in rows]
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
+    if failed:
+        sys.exit(f"benchmarks failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

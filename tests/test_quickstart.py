@@ -1,0 +1,43 @@
+"""The quickstart job end to end through the CLI, as `make run` runs it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quickstart_job_end_to_end(tmp_path):
+    cli = Path(sys.executable).parent / "moe-ray"
+    proc = subprocess.run(
+        [str(cli), "run", str(ROOT / "jobs" / "quickstart.yaml"), "--set", f"checkpoint.storage={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    # Periodic log lines (not a terminal) with step, loss, tokens/s and MaxVio.
+    assert re.search(r"step 25/300 loss [\d.]+ .* tok/s maxvio [\d.]+", out), out[-3000:]
+    m = re.search(r"train loss ([\d.]+), val loss ([\d.]+), MaxVio_global ([\d.]+)", out)
+    assert m, out[-3000:]
+    val_loss = float(m[2])
+    assert val_loss < 2.5  # ln(256) = 5.55 for a model that learned nothing
+    evals = [float(v) for v in re.findall(r"eval @ step \d+: val loss ([\d.]+)", out)]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    ckpt_line = re.search(r"checkpoint: (\S+)", out)[1]
+    assert Path(ckpt_line, "index.json").is_file()
+    assert "step-00000300" in ckpt_line
+
+
+def test_invalid_job_is_refused_with_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel:\n  d_model: 100\n  n_heads: 3\ntrain:\n  stepz: 3\n")
+    cli = Path(sys.executable).parent / "moe-ray"
+    proc = subprocess.run([str(cli), "run", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "model: " in proc.stderr and "n_heads=3 must divide" in proc.stderr
+    assert "train.stepz: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
