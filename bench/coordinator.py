@@ -68,10 +68,16 @@ def main() -> None:
     args = parser.parse_args()
     steps, skip = (30, 5) if args.quick else (80, 5)
     with tempfile.TemporaryDirectory() as storage:
-        job = load_job(ROOT / "jobs" / "quickstart.yaml", [
-            f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0",
-            f"checkpoint.storage={storage}",
-        ])
+        job = load_job(
+            ROOT / "jobs" / "quickstart.yaml",
+            [
+                f"train.steps={steps}",
+                "train.eval_every=0",
+                "train.eval_batches=1",
+                "checkpoint.every=0",
+                f"checkpoint.storage={storage}",
+            ],
+        )
         connect(None, job)
         with_coordinator = step_times(job, "coordinator", skip)
         local = step_times(job, "allreduce", skip)
@@ -80,8 +86,13 @@ def main() -> None:
     emit(BENCH, "step_ms_coordinator", round(with_coordinator * 1e3, 1))
     emit(BENCH, "step_ms_local_bias", round(local * 1e3, 1))
     emit(BENCH, "coordinator_overhead", round(with_coordinator / local, 3), target="<= 1.01")
-    emit(BENCH, "coordinator_ms_64w", round(ms * 1e3, 2), target="<= 5",
-         note="last of 64 workers: one exchange call (counts in, bias out), 8 layers x 256 experts")
+    emit(
+        BENCH,
+        "coordinator_ms_64w",
+        round(ms * 1e3, 2),
+        target="<= 5",
+        note="last of 64 workers: one exchange call (counts in, bias out), 8 layers x 256 experts",
+    )
     emit(BENCH, "serial_submit_ms_64w", round(serial * 1e3, 1), note="all 64 workers simulated from one process")
 
 

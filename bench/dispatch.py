@@ -34,10 +34,16 @@ def main() -> None:
     steps = 30 if args.quick else 80
     skip = 5  # warm-up steps left out of the medians
     with tempfile.TemporaryDirectory() as storage:
-        job = load_job(ROOT / "jobs" / "quickstart.yaml", [
-            f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0",
-            f"checkpoint.storage={storage}",
-        ])
+        job = load_job(
+            ROOT / "jobs" / "quickstart.yaml",
+            [
+                f"train.steps={steps}",
+                "train.eval_every=0",
+                "train.eval_batches=1",
+                "checkpoint.every=0",
+                f"checkpoint.storage={storage}",
+            ],
+        )
         result = run_job(job, run_name="bench-ep2")
         metrics = result.progress.metrics
         ep2 = statistics.median(m["step_time"] for m in metrics[skip:])

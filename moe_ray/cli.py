@@ -56,6 +56,8 @@ def run(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
     reporter.close()
+    if result.mlflow_run_id:
+        console.print(f"MLflow run {result.mlflow_run_id} at {result.mlflow_uri}", highlight=False)
     vio = result.max_vio_global
     console.print(
         f"[bold]done[/bold]: run {result.run_name}, {result.final_step} steps in {result.seconds:.0f} s\n"
@@ -89,6 +91,95 @@ def checkpoints(
     typer.echo(f"{'checkpoint':<16} {'step':>8} {'size':>12}  status")
     for c in ckpts:
         typer.echo(f"{c.name:<16} {c.step:>8} {c.size / 2**20:>10.2f}MB  {'complete' if c.complete else 'INCOMPLETE'}")
+
+
+AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard, e.g. http://HEAD:8265.")]
+
+
+def _jobs_client(address: str):
+    from moe_ray.submit import SubmitError, client
+
+    try:
+        return client(address)
+    except SubmitError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def submit(
+    job_file: str,
+    address: AddressOpt = "http://127.0.0.1:8265",
+    set_: SetOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run", help="Run name (default: job name + time).")] = None,
+) -> None:
+    """Submit a job to a Ray cluster (Ray Jobs API); prints the submission id and MLflow link."""
+    from moe_ray.submit import SubmitError
+    from moe_ray.submit import submit as do_submit
+
+    job = _load(job_file, set_)
+    try:
+        out = do_submit(job, address, run_name)
+    except SubmitError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")
+    if out["mlflow_link"]:
+        typer.echo(f"MLflow run: {out['mlflow_link']}")
+    typer.echo(f"follow it: moe-ray logs {out['submission_id']} --follow --address {address}")
+
+
+@app.command()
+def status(submission_id: str, address: AddressOpt = "http://127.0.0.1:8265") -> None:
+    """The state of a submitted job."""
+    info = _jobs_client(address).get_job_info(submission_id)
+    meta = info.metadata or {}
+    typer.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    typer.echo(f"  run {meta.get('moe_ray.run', '?')}, MLflow run {meta.get('mlflow_run_id') or '-'}")
+
+
+@app.command()
+def logs(
+    submission_id: str,
+    address: AddressOpt = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+) -> None:
+    """The driver log of a submitted job."""
+    jobs = _jobs_client(address)
+    if not follow:
+        typer.echo(jobs.get_job_logs(submission_id), nl=False)
+        return
+    import asyncio
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(submission_id):
+            typer.echo(chunk, nl=False)
+
+    asyncio.run(tail())
+    typer.echo(f"[{submission_id}: {jobs.get_job_status(submission_id).value}]", err=True)
+
+
+@app.command()
+def stop(submission_id: str, address: AddressOpt = "http://127.0.0.1:8265") -> None:
+    """Stop a submitted job."""
+    stopped = _jobs_client(address).stop_job(submission_id)
+    typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@app.command(name="list")
+def list_jobs(address: AddressOpt = "http://127.0.0.1:8265") -> None:
+    """moe-ray jobs on the cluster, with their state and MLflow run."""
+    from moe_ray.submit import moe_jobs
+
+    _jobs_client(address)
+    rows = moe_jobs(address)
+    typer.echo(f"{'submission id':<52} {'status':<10} {'run':<40} mlflow run")
+    for j in rows:
+        meta = j.metadata or {}
+        typer.echo(
+            f"{j.submission_id:<52} {j.status.value:<10} {meta.get('moe_ray.run', ''):<40} "
+            f"{meta.get('mlflow_run_id') or '-'}"
+        )
 
 
 def main() -> None:

@@ -44,6 +44,15 @@ class CheckpointSpec(Strict):
     keep: PositiveInt = 3  # newest complete checkpoints kept; older ones are pruned
 
 
+class TrackingConfig(Strict):
+    enabled: bool = True
+    # None: an SQLite store (mlflow.db) in the working folder. Else an MLflow server URI.
+    uri: str | None = None
+    experiment: str = "moe-ray"
+    log_every: PositiveInt = 10  # steps between metric points
+    heatmap_every: PositiveInt = 100  # steps between expert-load heatmap refreshes
+
+
 class JobSpec(Strict):
     name: str = Field("moe-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -52,6 +61,7 @@ class JobSpec(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
@@ -98,6 +108,11 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(job)"
         msg = e["msg"].removeprefix("Value error, ")
+        if path == "(job)":  # cross-field checks: one entry per problem, under its own path
+            for part in msg.split("; "):
+                m = re.match(r"^(?:the expert-parallel size \d+ must divide )?([a-z_]+(?:\.[a-z_]+)+)", part)
+                out.append((m[1] if m else path, part))
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see jobs/ for the allowed keys)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
@@ -141,6 +156,70 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_?key|access_?key|credential)", re.I)
+_SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}")
+
+
+def interpolate_env(data, path: str = "") -> tuple[object, list[tuple[str, str]]]:
+    """Replace ${VAR} and ${VAR:-default} in string values from the environment."""
+    problems: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out[k], p = interpolate_env(v, f"{path}.{k}" if path else str(k))
+            problems += p
+        return out, problems
+    if isinstance(data, list):
+        items = [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(data)]
+        return [v for v, _ in items], [p for _, ps in items for p in ps]
+    if isinstance(data, str) and "${" in data:
+
+        def sub(m):
+            value = os.environ.get(m[1], m[2])
+            if value is None:
+                problems.append(
+                    (path, f"environment variable {m[1]} is not set (or give a default: ${{{m[1]}:-value}})")
+                )
+                return m[0]
+            return value
+
+        whole = _ENV_REF.fullmatch(data)
+        value = _ENV_REF.sub(sub, data)
+        # A value that is one reference alone is read as YAML, so ${WORKERS} can be a number.
+        if whole and not problems:
+            try:
+                return yaml.safe_load(value), problems
+            except yaml.YAMLError:
+                return value, problems
+        return value, problems
+    return data, problems
+
+
+def find_secrets(data, path: str = "") -> list[tuple[str, str]]:
+    """Keys or values that look like credentials: those belong in the environment."""
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if _SECRET_KEY.search(str(k)):
+                found.append(
+                    (
+                        sub,
+                        "looks like a secret: never put credentials in a job file; set them in the "
+                        "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN)",
+                    )
+                )
+            else:
+                found += find_secrets(v, sub)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += find_secrets(v, f"{path}[{i}]")
+    elif isinstance(data, str) and _SECRET_VALUE.search(data):
+        found.append((path, "contains what looks like an AWS access key: set credentials in the environment"))
+    return found
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     path = Path(path)
     if not path.is_file():
@@ -151,7 +230,18 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise JobSpecError(str(path), [("(yaml)", str(err))]) from None
     if not isinstance(data, dict):
         raise JobSpecError(str(path), [("(job)", "a job file must be a YAML mapping of sections")])
-    return parse_job(apply_overrides(data, overrides or []), str(path))
+    # Secrets are looked for before interpolation: a ${VAR} reference in the file is fine.
+    problems = find_secrets(data)
+    data, env_problems = interpolate_env(apply_overrides(data, overrides or []))
+    problems += env_problems
+    secret_paths = {p for p, _ in problems}
+    try:
+        job = parse_job(data, str(path))
+    except JobSpecError as err:  # report schema problems too: every problem at once
+        problems += [(p, m) for p, m in err.problems if p not in secret_paths]
+    if problems:
+        raise JobSpecError(str(path), problems)
+    return job
 
 
 def dump_job(job: JobSpec) -> str:

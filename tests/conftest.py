@@ -2,11 +2,16 @@
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_ray.spec import JobSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "infra" / "local"))
+from stack import LocalStack, free_port  # noqa: E402,F401
 
 # Keep the test processes from oversubscribing a small machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -20,8 +25,13 @@ def local_ray():
     if ray.is_initialized():
         ray.shutdown()
     # address="local": never join a leftover cluster of an earlier test (DESIGN 9).
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -31,15 +41,27 @@ def tiny_job(storage, **overrides) -> JobSpec:
     spec = {
         "name": "t",
         "model": {
-            "vocab_size": 256, "d_model": 32, "n_heads": 2, "n_layers": 3, "n_dense_layers": 1,
+            "vocab_size": 256,
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 3,
+            "n_dense_layers": 1,
             "max_seq_len": 64,
             "moe": {"n_routed_experts": 8, "expert_hidden": 16, "top_k": 2},
             "mtp": {"depth": 1},
         },
         "balance": {"bias_update_speed": 0.01, "seq_aux_alpha": 1e-3},
         "data": {"max_bytes": 2_000_000},
-        "train": {"steps": 5, "batch_size": 8, "seq_len": 32, "warmup_steps": 2, "eval_every": 0,
-                  "eval_batches": 1, "log_every": 1, "lr": 1e-2},
+        "train": {
+            "steps": 5,
+            "batch_size": 8,
+            "seq_len": 32,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "log_every": 1,
+            "lr": 1e-2,
+        },
         "resources": {"workers": 2, "cpus_per_worker": 1},
         "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
     }
@@ -57,3 +79,27 @@ def copy_checkpoint_as_new_run(storage, run_name, checkpoint_name, new_run):
     dst = storage / new_run / checkpoint_name
     shutil.copytree(storage / run_name / checkpoint_name, dst)
     return new_run
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory):
+    """moto's S3 server over HTTP with a bucket, its endpoint and test credentials in os.environ
+    (set before any Ray of the module starts, so Ray's workers reach it too)."""
+    stack = LocalStack(tmp_path_factory.mktemp("s3"), bucket="moe-ray-test", mlflow=False).start()
+    saved = {k: os.environ.get(k) for k in stack.env()}
+    os.environ.update(stack.env())
+    yield stack
+    stack.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def mlflow_stack(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend) on 127.0.0.1."""
+    stack = LocalStack(tmp_path_factory.mktemp("mlflow"), s3=False).start()
+    yield stack
+    stack.stop()

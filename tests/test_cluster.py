@@ -1,8 +1,8 @@
 """Node-limited routing on a real 2-node Ray cluster (ray.cluster_utils.Cluster)."""
 
 import pytest
-
 from conftest import tiny_job
+
 from moe_ray.runtime.driver import run_job
 
 
@@ -25,7 +25,8 @@ def two_node_cluster():
 
 def test_node_limited_routing_keeps_tokens_on_one_node(two_node_cluster, tmp_path):
     job = tiny_job(
-        tmp_path, model__moe={"n_routed_experts": 16, "expert_hidden": 16, "top_k": 4, "max_nodes_per_token": 1},
+        tmp_path,
+        model__moe={"n_routed_experts": 16, "expert_hidden": 16, "top_k": 4, "max_nodes_per_token": 1},
         train__steps=4,
     )
     result = run_job(job, run_name="nodes")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig
+from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig
 from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
 from moe_ray.parallel.groups import build_groups
@@ -26,8 +26,13 @@ BATCH, SEQ = 8, 12
 
 def model_cfg():
     return ModelConfig(
-        vocab_size=64, d_model=32, n_heads=2, n_layers=3, n_dense_layers=1,
-        moe=MoEConfig(n_routed_experts=8, expert_hidden=16, top_k=2), mtp=MTPConfig(depth=1),
+        vocab_size=64,
+        d_model=32,
+        n_heads=2,
+        n_layers=3,
+        n_dense_layers=1,
+        moe=MoEConfig(n_routed_experts=8, expert_hidden=16, top_k=2),
+        mtp=MTPConfig(depth=1),
     )
 
 
@@ -98,8 +103,9 @@ def reference(hot=None):
     ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank"],
 )
 def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot):
-    mp.start_processes(_worker, args=(world, _free_port(), ep_size, hot, str(tmp_path)), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), ep_size, hot, str(tmp_path)), nprocs=world, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     out, norm, ref_grads = reference(hot)
     # The per-rank balance (sequence-wise) loss is a mean over sequences, so it averages exactly.

@@ -15,7 +15,10 @@ def test_quickstart_job_end_to_end(tmp_path):
     cli = Path(sys.executable).parent / "moe-ray"
     proc = subprocess.run(
         [str(cli), "run", str(ROOT / "jobs" / "quickstart.yaml"), "--set", f"checkpoint.storage={tmp_path}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

@@ -4,8 +4,8 @@ coordinator's bias, checkpoints that reshard, and resumption."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import copy_checkpoint_as_new_run, tiny_job
+
 from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import builtin_corpus
 from moe_ray.parallel.expert_parallel import apply_expert_parallel

@@ -1,16 +1,9 @@
 """Checkpoints through S3 over real HTTP (moto's server mode) with a real local Ray."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import boto3
 import pytest
-
 from conftest import tiny_job
+
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
@@ -20,47 +13,9 @@ from moe_ray.storage.location import Location
 BUCKET = "moe-ray-test"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto_endpoint():
-    port = _free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_REGION="us-east-1")
-    deadline = time.time() + 30
-    while True:
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_buckets()
-            break
-        except Exception:
-            if time.time() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.2)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def s3_ray(moto_endpoint, local_ray):
-    """Ray started after the AWS variables are set, so its workers reach the moto server too."""
+def s3_ray(s3_stack, local_ray):
+    """Ray started after the AWS variables are set, so its workers reach the S3 server too."""
     return local_ray
 
 
@@ -106,7 +61,7 @@ def test_tampered_s3_checkpoint_is_not_loaded(s3_run):
     assert [m["step"] for m in resumed.progress.metrics] == [2, 3, 4]
 
 
-def test_missing_bucket_refused_before_anything_starts(moto_endpoint):
+def test_missing_bucket_refused_before_anything_starts(s3_stack):
     with pytest.raises(s3.StorageError, match="does not exist"):
         s3.check_writable(Location("s3://no-such-bucket/x"))
 
@@ -117,8 +72,9 @@ def test_prune_keeps_newest_complete(s3_run):
     for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
         if "/step-" not in o["Key"]:
             continue
-        client.copy_object(Bucket=BUCKET, Key=o["Key"].replace("s3run", "s3prune"),
-                           CopySource={"Bucket": BUCKET, "Key": o["Key"]})
+        client.copy_object(
+            Bucket=BUCKET, Key=o["Key"].replace("s3run", "s3prune"), CopySource={"Bucket": BUCKET, "Key": o["Key"]}
+        )
     run = run_location(job.checkpoint.storage, "s3prune")
     before = [c.step for c in list_checkpoints(run)]
     assert len(before) >= 2

@@ -115,7 +115,7 @@ class CoordinatorState:
                     "counts": total.numpy(),
                     "max_vio": vio.tolist(),
                     "bias": self.bias.numpy().copy(),  # the bias for step + 1
-                "bias_min": self.bias.min(dim=-1).values.tolist(),
+                    "bias_min": self.bias.min(dim=-1).values.tolist(),
                     "bias_max": self.bias.max(dim=-1).values.tolist(),
                 }
             )
@@ -159,17 +159,24 @@ class Coordinator:
         """Rank 0's metrics of a step, or an event (eval, checkpoint) when it has an 'event' key."""
         (self.state.events if "event" in entry else self.state.metrics).append(entry)
 
-    async def progress(self, metrics_from: int, events_from: int) -> dict:
+    async def progress(self, metrics_from: int, events_from: int, history_from: int = 0) -> dict:
         s = self.state
+        light = ("step", "max_vio", "bias_min", "bias_max")
         return {
             "metrics": s.metrics[metrics_from:],
             "events": s.events[events_from:],
+            "history": [{k: h[k] for k in light} for h in s.load_history[history_from:]],
             "bias_version": s.bias_version,
             "max_vio": s.load_history[-1]["max_vio"] if s.load_history else None,
         }
 
-    async def load_history(self) -> list[dict]:
-        return self.state.load_history
+    async def load_history(self, max_points: int | None = None) -> list[dict]:
+        """The per-step load history; with `max_points`, every k-th step so at most that many."""
+        h = self.state.load_history
+        if max_points and len(h) > max_points:
+            stride = -(-len(h) // max_points)
+            h = h[::stride]
+        return h
 
     async def bias_consistency(self) -> dict:
         """How many steps had every worker's bias checked, and any step where they differed."""

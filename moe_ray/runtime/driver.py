@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from moe_ray.runtime.coordinator import Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import load_token_splits
+from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.spec import JobSpec, default_run_name
 from moe_ray.storage import s3
@@ -40,6 +41,7 @@ class Progress:
     total_steps: int
     metrics: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # per step: MaxVio and bias range per layer
     max_vio: list[float] | None = None
     started: float = 0.0  # time.time() when run_job was called
 
@@ -61,6 +63,8 @@ class RunResult:
     load_history: list[dict]
     bias_consistency: dict
     seconds: float
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
 
 
 def prepare_storage(job: JobSpec) -> Location:
@@ -103,7 +107,8 @@ def connect(address: str | None, job: JobSpec) -> bool:
         return False
     env = {"env_vars": _QUIET_ENV}
     if address:
-        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+        # No runtime_env here: inside a Ray job it would replace the job's own (its py_modules).
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     need = int(job.resources.workers * job.resources.cpus_per_worker + 0.999)
     ray.init(
@@ -140,13 +145,15 @@ def run_job(
     run_name = resolve_run_name(job, resume, run_name)
     started = connect(address, job)
     try:
-        return _run(job, run_name, on_progress, poll_s, start, bias_mode)
+        return _run(job, run_name, on_progress, poll_s, start, bias_mode, address)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str) -> RunResult:
+def _run(
+    job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
+) -> RunResult:
     data = load_token_splits(job.data, job.model.vocab_size)
     data_ref = ray.put(data)
     coordinator = Coordinator.options(name=coordinator_name(run_name)).remote(
@@ -184,18 +191,25 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, 
         except BaseException as err:  # surfaced in the driver thread below
             outcome["error"] = err
 
+    tracking = RunTracking(job, run_name, address)
+    log.warning(tracking.hint())
     thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
     thread.start()
     progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
     while True:
         alive = thread.is_alive()
         try:
-            update = ray.get(coordinator.progress.remote(len(progress.metrics), len(progress.events)), timeout=30)
+            update = ray.get(
+                coordinator.progress.remote(len(progress.metrics), len(progress.events), len(progress.history)),
+                timeout=30,
+            )
             progress.metrics += update["metrics"]
             progress.events += update["events"]
+            progress.history += update["history"]
             progress.max_vio = update["max_vio"] or progress.max_vio
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             pass
+        tracking.update(progress, coordinator)
         if on_progress:
             on_progress(progress)
         if not alive:
@@ -204,11 +218,12 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, 
     history = ray.get(coordinator.load_history.remote())
     consistency = ray.get(coordinator.bias_consistency.remote())
     if "error" in outcome:
+        tracking.finish(None, coordinator, status="FAILED")
         raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
     result = outcome["result"]
     summary = next((e for e in reversed(progress.events) if e.get("event") == "eval"), {})
     last = progress.last or {}
-    return RunResult(
+    result = RunResult(
         run_name=run_name,
         run_location=str(run_location(job.checkpoint.storage, run_name)),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
@@ -220,7 +235,12 @@ def _run(job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, 
         load_history=history,
         bias_consistency=consistency,
         seconds=time.time() - start,
+        mlflow_run_id=tracking.tracker.run_id,
+        mlflow_uri=tracking.uri,
     )
+    tracking.finish(result, coordinator)
+    result.mlflow_run_id = tracking.tracker.run_id
+    return result
 
 
 def _root_cause(err: BaseException) -> str:

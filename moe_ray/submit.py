@@ -1,0 +1,114 @@
+"""Submitting jobs to a Ray cluster through Ray's Job Submission API, and following them.
+
+The entrypoint runs `moe-ray run` on the cluster with the resolved job file; this package is
+shipped along (`py_modules`), so the cluster runs the client's moe-ray code. With Ray's token
+authentication on, the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token and is sent as the
+Ray client sends it; it is never printed or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import moe_ray
+from moe_ray.spec import JobSpec, default_run_name, dump_job
+
+# Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
+# are NOT forwarded: the cluster's nodes must have their own (instance role, secret, env).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class SubmitError(Exception):
+    """A submission that cannot go ahead; the message says why."""
+
+
+def token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def client(address: str):
+    """A JobSubmissionClient for `address` (http://HEAD:8265), with token auth when a token exists."""
+    from ray.job_submission import JobSubmissionClient
+
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # let Ray's cached config see the mode (Ray does the same for its own CLI)
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:
+            pass
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
+    """Submit `job`; returns {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
+    run_name = run_name or default_run_name(job)
+    submission_id = f"moe-ray-{run_name}-{uuid.uuid4().hex[:6]}"
+    mlflow_run_id, link = _precreate_mlflow_run(job, run_name, submission_id)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.update(MOE_RAY_SUBMISSION_ID=submission_id, RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+    with tempfile.TemporaryDirectory(prefix="moe-ray-submit-") as tmp:
+        (Path(tmp) / "job.yaml").write_text(dump_job(job))
+        jobs = client(address)
+        try:
+            jobs.submit_job(
+                entrypoint=f"python -m moe_ray.cli run job.yaml --address auto --run {run_name}",
+                submission_id=submission_id,
+                runtime_env={
+                    "working_dir": tmp,
+                    "py_modules": [str(Path(moe_ray.__file__).parent)],
+                    "env_vars": env,
+                },
+                metadata={
+                    "moe_ray.job": job.name,
+                    "moe_ray.run": run_name,
+                    "mlflow_run_id": mlflow_run_id or "",
+                    "mlflow_uri": job.tracking.uri or "",
+                },
+            )
+        except Exception as err:
+            raise SubmitError(f"the cluster at {address} refused the job: {_first_line(err)}") from None
+    return {"submission_id": submission_id, "run_name": run_name, "mlflow_run_id": mlflow_run_id, "mlflow_link": link}
+
+
+def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tuple[str | None, str | None]:
+    """With a tracking server, create the MLflow run now so its link can be printed; the driver
+    on the cluster finds it by its `moe_ray.run` tag and writes into it."""
+    uri = job.tracking.uri
+    if not job.tracking.enabled or not uri or not uri.startswith(("http://", "https://")):
+        return None, None
+    from moe_ray.tracking import quiet_mlflow_http
+
+    quiet_mlflow_http()
+    try:
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name(job.tracking.experiment)
+        exp_id = exp.experiment_id if exp else c.create_experiment(job.tracking.experiment)
+        run = c.create_run(
+            exp_id,
+            run_name=run_name,
+            tags={"moe_ray.run": run_name, "moe_ray.job": job.name, "ray.submission_id": submission_id},
+        )
+        return run.info.run_id, f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run.info.run_id}"
+    except Exception:
+        return None, None  # tracking never blocks a submission; the driver creates the run later
+
+
+def moe_jobs(address: str) -> list:
+    """The cluster's moe-ray jobs (those submitted by `moe-ray submit`), oldest first."""
+    jobs = [j for j in client(address).list_jobs() if (j.metadata or {}).get("moe_ray.run")]
+    return sorted(jobs, key=lambda j: j.start_time or 0)

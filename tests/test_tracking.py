@@ -1,0 +1,112 @@
+"""MLflow tracking against a real `mlflow server` process (SQLite backend) on 127.0.0.1."""
+
+import time
+
+import pytest
+from conftest import LocalStack, free_port, tiny_job
+from mlflow.tracking import MlflowClient
+
+from moe_ray.runtime.driver import run_job
+from moe_ray.tracking import Tracker, flatten, quiet_mlflow_http
+
+quiet_mlflow_http()
+
+
+def only_run(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def tracked_run(local_ray, mlflow_stack, tmp_path_factory):
+    job = tiny_job(
+        tmp_path_factory.mktemp("runs"),
+        train__steps=6,
+        train__eval_every=3,
+        tracking={"uri": mlflow_stack.mlflow_uri, "experiment": "tracked", "log_every": 2, "heatmap_every": 3},
+    )
+    return job, run_job(job, run_name="tracked")
+
+
+def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack):
+    job, result = tracked_run
+    client, run = only_run(mlflow_stack.mlflow_uri, "tracked")
+    assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.params["model.moe.top_k"] == "2" and run.data.params["train.steps"] == "6"
+    assert run.data.tags["moe_ray.run"] == "tracked" and run.data.tags["moe_ray.job"] == job.name
+    assert run.data.tags["moe_ray.checkpoint"] == result.checkpoint
+    # Every log_every=2 steps: steps 1, 3, 5 (0-based) of 6.
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [1, 3, 5]
+    assert [m.value for m in loss] == pytest.approx([result.progress.metrics[s]["loss"] for s in (1, 3, 5)])
+    for key in (
+        "lm_loss",
+        "mtp_loss",
+        "lr",
+        "tokens_per_s",
+        "step_time",
+        "max_vio/layer_0",
+        "max_vio/mean",
+        "bias_min/layer_2",
+        "bias_max/layer_0",
+        "val_loss",
+        "max_vio_global/mean",
+    ):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [3, 6]
+    names = {
+        a.path for folder in ("job", "heatmaps", "summary") for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert names == {"job/job.yaml", "heatmaps/expert_load.png", "summary/summary.json"}
+    local = client.download_artifacts(run.info.run_id, "heatmaps/expert_load.png")
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_completes_when_the_server_dies_mid_run(local_ray, tmp_path):
+    stack = LocalStack(tmp_path / "mlflow", s3=False).start()
+    job = tiny_job(
+        tmp_path / "runs", train__steps=8, tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1}
+    )
+    killed = {}
+
+    def kill_after_first_step(progress):
+        if progress.metrics and not killed:
+            stack.stop_one("mlflow")
+            killed["at"] = progress.metrics[-1]["step"]
+
+    try:
+        result = run_job(job, run_name="dies", on_progress=kill_after_first_step)
+    finally:
+        stack.stop()
+    assert killed and killed["at"] < 7
+    assert result.final_step == 8 and result.val_loss is not None
+
+
+def test_metrics_kept_while_server_is_down_are_sent_when_it_answers(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    tracker = Tracker(uri, "late", "late-run", flush_s=0.2, max_backoff_s=1.0)
+    tracker.start({"a.b": "1"}, {"t": "x"})
+    for step in range(5):
+        tracker.log_metrics(step, {"loss": 10.0 - step})
+    time.sleep(1.0)
+    assert tracker.pending() > 0  # nothing could be sent: no server yet
+    stack = LocalStack(tmp_path / "mlflow", s3=False, mlflow_port=port).start()
+    try:
+        deadline = time.time() + 60
+        while tracker.pending() and time.time() < deadline:
+            time.sleep(0.5)
+        assert tracker.close() is True
+        client, run = only_run(uri, "late")
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 9, 8, 7, 6]
+        assert run.data.params == {"a.b": "1"} and run.data.tags["t"] == "x"
+    finally:
+        stack.stop()
+
+
+def test_flatten_redacts_secret_looking_keys():
+    flat = flatten({"a": {"b": 1, "api_token": "xyz"}, "password": "p"})
+    assert flat == {"a.b": "1", "a.api_token": "***", "password": "***"}
