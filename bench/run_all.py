@@ -41,7 +41,8 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "mode": "full" if args.full else "quick", **machine()}
     (out / "latest.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
     lines = [
-        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, torch {meta['torch']} ({meta['mode']}).",
+        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, "
+        f"torch {meta['torch']} ({meta['mode']}).",
         "",
         "| bench | metric | value | target |",
         "|---|---|---|---|",

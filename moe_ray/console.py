@@ -65,7 +65,10 @@ class ProgressReporter:
         if kind == "placement":
             text = f"{'resumed at step ' + str(ev['step']) + ': ' if ev.get('resumed') else ''}{ev['detail']}"
         elif kind == "eval":
-            text = f"eval @ step {ev['step']}: val loss {ev['val_loss']:.4f}, MaxVio_global {ev['max_vio_global_mean']:.3f}"
+            text = (
+                f"eval @ step {ev['step']}: val loss {ev['val_loss']:.4f}, "
+                f"MaxVio_global {ev['max_vio_global_mean']:.3f}"
+            )
         elif kind == "checkpoint":
             text = f"checkpoint @ step {ev['step']}"
         else:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
+from moe_ray.secrets import looks_secret_key, looks_secret_value
 
 
 class DataConfig(Strict):
@@ -157,8 +158,6 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_?key|access_?key|credential)", re.I)
-_SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}")
 
 
 def interpolate_env(data, path: str = "") -> tuple[object, list[tuple[str, str]]]:
@@ -202,7 +201,7 @@ def find_secrets(data, path: str = "") -> list[tuple[str, str]]:
     if isinstance(data, dict):
         for k, v in data.items():
             sub = f"{path}.{k}" if path else str(k)
-            if _SECRET_KEY.search(str(k)):
+            if looks_secret_key(str(k)):
                 found.append(
                     (
                         sub,
@@ -215,7 +214,7 @@ def find_secrets(data, path: str = "") -> list[tuple[str, str]]:
     elif isinstance(data, list):
         for i, v in enumerate(data):
             found += find_secrets(v, f"{path}[{i}]")
-    elif isinstance(data, str) and _SECRET_VALUE.search(data):
+    elif isinstance(data, str) and looks_secret_value(data):
         found.append((path, "contains what looks like an AWS access key: set credentials in the environment"))
     return found
 

@@ -18,10 +18,11 @@ import time
 from collections import deque
 from pathlib import Path
 
+from moe_ray.secrets import looks_secret_key, looks_secret_value
+
 log = logging.getLogger("moe_ray.tracking")
 
 MAX_QUEUED_METRICS = 1_000_000
-_SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
 def local_store_uri(folder: Path | None = None) -> str:
@@ -36,7 +37,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
-        elif any(w in name.lower() for w in _SECRET_WORDS):
+        elif looks_secret_key(str(key)) or looks_secret_value(str(value)):
             out[name] = "***"
         else:
             out[name] = str(value)[:6000]

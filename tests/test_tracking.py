@@ -110,3 +110,10 @@ def test_metrics_kept_while_server_is_down_are_sent_when_it_answers(tmp_path):
 def test_flatten_redacts_secret_looking_keys():
     flat = flatten({"a": {"b": 1, "api_token": "xyz"}, "password": "p"})
     assert flat == {"a.b": "1", "a.api_token": "***", "password": "***"}
+
+
+def test_secret_detection_is_by_whole_name_part():
+    from moe_ray.secrets import looks_secret_key
+
+    assert all(map(looks_secret_key, ["aws_secret_access_key", "password", "api_token", "token", "AWS_SESSION_TOKEN"]))
+    assert not any(map(looks_secret_key, ["max_nodes_per_token", "tokenizer", "tokens_per_s", "keep"]))

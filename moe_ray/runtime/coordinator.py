@@ -2,8 +2,9 @@
 for the balance bias b.
 
 Every worker sends its per-layer expert counts right after its forward pass in a call whose
-answer is the bias of the next step; it only waits for that answer after its optimizer step. When the last worker's counts of a step arrive, the coordinator sums them and applies the
-bias rule (DESIGN 3.1) once, so every worker routes the next step with exactly the same bias.
+answer is the bias of the next step; it only waits for that answer after its optimizer step.
+When the last worker's counts of a step arrive, the coordinator sums them and applies the bias
+rule (DESIGN 3.1) once, so every worker routes the next step with exactly the same bias.
 An async actor is required: a bias request waits for the other workers' counts without
 blocking them.
 

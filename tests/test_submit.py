@@ -1,0 +1,114 @@
+"""Submission to a real Ray head (`ray start --head`, token authentication on) through the Ray
+Jobs API, with the runs tracked in a real MLflow server."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+from mlflow.tracking import MlflowClient
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, timeout=300, check=True):
+    proc = subprocess.run([str(BIN / "moe-ray"), *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    dash = free_port()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (perhaps 401): up
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield address
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def write_job(tmp_path, name, steps, mlflow_uri):
+    spec = {
+        "name": name,
+        "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "n_dense_layers": 1, "max_seq_len": 64,
+                  "moe": {"n_routed_experts": 4, "expert_hidden": 16, "top_k": 2}},
+        "data": {"max_bytes": 1_000_000},
+        "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "warmup_steps": 1, "eval_every": 0,
+                  "eval_batches": 1, "log_every": 1},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "checkpoint": {"storage": str(tmp_path / "runs"), "every": 0},
+        "tracking": {"uri": mlflow_uri, "experiment": "submitted", "log_every": 1},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_jobs_api_refuses_a_client_without_the_token(ray_head):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
+    assert err.value.code in (401, 403)
+
+
+def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
+    # A job that finishes.
+    out = cli("submit", str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri)), "--address", ray_head).stdout
+    sub_id = re.search(r"submitted (\S+)", out)[1]
+    assert re.search(r"MLflow run: http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/\w+", out)
+    followed = cli("logs", sub_id, "--follow", "--address", ray_head, timeout=400)
+    assert "done: run small-" in followed.stdout, followed.stdout[-3000:]
+    assert "SUCCEEDED" in cli("status", sub_id, "--address", ray_head).stdout
+    assert "3 steps" in cli("logs", sub_id, "--address", ray_head).stdout
+    # Its MLflow run: created at submission, filled by the driver on the cluster.
+    client = MlflowClient(mlflow_stack.mlflow_uri)
+    exp = client.get_experiment_by_name("submitted")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{sub_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
+
+    # A long job, stopped while it runs.
+    out = cli("submit", str(write_job(tmp_path, "long", 100_000, mlflow_stack.mlflow_uri)), "--address", ray_head)
+    long_id = re.search(r"submitted (\S+)", out.stdout)[1]
+    deadline = time.time() + 120
+    while "RUNNING" not in cli("status", long_id, "--address", ray_head).stdout:
+        assert time.time() < deadline
+        time.sleep(1)
+    assert "stop requested" in cli("stop", long_id, "--address", ray_head).stdout
+    deadline = time.time() + 120
+    while "STOPPED" not in cli("status", long_id, "--address", ray_head).stdout:
+        assert time.time() < deadline
+        time.sleep(1)
+
+    listing = cli("list", "--address", ray_head).stdout
+    assert re.search(rf"{re.escape(sub_id)}\s+SUCCEEDED\s+small-", listing)
+    assert re.search(rf"{re.escape(long_id)}\s+STOPPED\s+long-", listing)
