@@ -7,8 +7,20 @@ import re
 # Names that are credentials, alone or as the end of a longer name (`aws_secret_access_key`,
 # `hf_token`). `max_nodes_per_token` (a count per token) and `tokenizer` are not.
 _SECRET_NAMES = (
-    "secret", "password", "passwd", "credentials", "token", "api_key", "apikey", "access_key", "secret_key",
-    "access_key_id", "auth_token", "session_token", "private_key", "client_secret",
+    "secret",
+    "password",
+    "passwd",
+    "credentials",
+    "token",
+    "api_key",
+    "apikey",
+    "access_key",
+    "secret_key",
+    "access_key_id",
+    "auth_token",
+    "session_token",
+    "private_key",
+    "client_secret",
 )
 _SECRET_ENDINGS = tuple(f"_{n}" for n in _SECRET_NAMES)
 _SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}")  # AWS access key ids

@@ -81,3 +81,29 @@ def test_prune_keeps_newest_complete(s3_run):
     deleted = prune(run, keep=1)
     assert [c.step for c in deleted] == before[:-1]
     assert [c.step for c in list_checkpoints(run)] == before[-1:]
+
+
+def test_user_data_and_tokenizer_read_from_s3(s3_ray, tmp_path):
+    import json
+
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from moe_ray.runtime.data_loading import load_token_splits
+    from moe_ray.spec import DataConfig
+
+    docs = [f"s3 document {i} " * 3 for i in range(12)]
+    client = boto3.client("s3")
+    client.put_object(
+        Bucket=BUCKET, Key="data/corpus.jsonl", Body="\n".join(json.dumps({"text": d}) for d in docs).encode()
+    )
+    splits = load_token_splits(DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", val_every_nth_doc=4), 256)
+    assert splits.val.tobytes().decode() == "".join(d + "\n" for i, d in enumerate(docs) if i % 4 == 3)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    client.upload_file(str(tmp_path / "tokenizer.json"), BUCKET, "tok/tokenizer.json")
+    cfg = DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", tokenizer=f"s3://{BUCKET}/tok/tokenizer.json")
+    ids = load_token_splits(cfg, 256).train
+    assert np.array_equal(ids[: len(tok.encode(docs[0]).ids)], tok.encode(docs[0]).ids)

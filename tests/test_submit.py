@@ -36,10 +36,22 @@ def ray_head():
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=3",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -60,11 +72,24 @@ def ray_head():
 def write_job(tmp_path, name, steps, mlflow_uri):
     spec = {
         "name": name,
-        "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "n_dense_layers": 1, "max_seq_len": 64,
-                  "moe": {"n_routed_experts": 4, "expert_hidden": 16, "top_k": 2}},
+        "model": {
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 2,
+            "n_dense_layers": 1,
+            "max_seq_len": 64,
+            "moe": {"n_routed_experts": 4, "expert_hidden": 16, "top_k": 2},
+        },
         "data": {"max_bytes": 1_000_000},
-        "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "warmup_steps": 1, "eval_every": 0,
-                  "eval_batches": 1, "log_every": 1},
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "seq_len": 32,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "log_every": 1,
+        },
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "checkpoint": {"storage": str(tmp_path / "runs"), "every": 0},
         "tracking": {"uri": mlflow_uri, "experiment": "submitted", "log_every": 1},

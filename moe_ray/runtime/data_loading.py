@@ -50,7 +50,7 @@ def read_documents(cfg: DataConfig) -> list[str]:
         ds = ray.data.read_text(src, **kwargs)
         field = "text"
     elif fmt == "jsonl":
-        ds = ray.data.read_json(src, lines=True, **kwargs)
+        ds = ray.data.read_json(src, **kwargs)  # pyarrow reads newline-delimited JSON
         field = cfg.text_field
     else:
         ds = ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs)

@@ -1,0 +1,74 @@
+"""Every job file in jobs/ validates, and the job-spec rules hold."""
+
+from pathlib import Path
+
+import pytest
+
+from moe_ray.spec import JobSpecError, load_job
+
+JOBS = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_job_file_validates(path):
+    job = load_job(path)
+    assert job.name == path.stem
+
+
+def test_deepseek_v3_job_has_the_v3_shape():
+    job = load_job(next(p for p in JOBS if p.stem == "deepseek-v3"))
+    moe = job.model.moe
+    assert (job.model.n_layers, job.model.n_dense_layers, job.model.d_model) == (61, 3, 7168)
+    assert (moe.n_routed_experts, moe.expert_hidden, moe.top_k, moe.n_shared_experts) == (256, 2048, 8, 1)
+    assert (moe.n_group, moe.topk_group, moe.max_nodes_per_token, moe.routed_scaling_factor) == (8, 4, 4, 2.5)
+
+
+def test_balance_pair_differs_only_in_balancing():
+    a = load_job(next(p for p in JOBS if p.stem == "balance-loss-free")).model_dump()
+    b = load_job(next(p for p in JOBS if p.stem == "balance-aux-loss")).model_dump()
+    diff = {k for k in a if a[k] != b[k]}
+    assert diff == {"name", "balance"}
+    assert (a["balance"]["method"], b["balance"]["method"]) == ("loss_free", "aux_loss")
+
+
+def test_env_interpolation_and_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "j.yaml"
+    path.write_text("name: j\ntrain:\n  steps: ${STEPS}\n  lr: ${LR:-0.5}\ncheckpoint:\n  storage: s3://${BUCKET}/x\n")
+    monkeypatch.setenv("STEPS", "12")
+    monkeypatch.setenv("BUCKET", "bkt")
+    job = load_job(path, ["train.batch_size=4", "resources.workers=2"])
+    assert (job.train.steps, job.train.lr, job.checkpoint.storage) == (12, 0.5, "s3://bkt/x")
+    assert job.train.batch_size == 4
+    monkeypatch.delenv("STEPS")
+    with pytest.raises(JobSpecError, match="environment variable STEPS is not set"):
+        load_job(path)
+
+
+def test_secrets_in_job_files_are_refused(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(
+        "checkpoint:\n  storage: s3://b/x\n  aws_secret_access_key: abc\ndata:\n"
+        "  source: s3://AKIAABCDEFGHIJKLMNOP@b/data\n"
+    )
+    with pytest.raises(JobSpecError) as err:
+        load_job(path)
+    paths = [p for p, _ in err.value.problems]
+    assert "checkpoint.aws_secret_access_key" in paths and "data.source" in paths
+    assert "abc" not in str(err.value) and "AKIAABCDEFGHIJKLMNOP" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("resources.ep_size=3", "resources.ep_size"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("train.seq_len=100000", "train.seq_len"),
+        ("model.moe.top_k=99", "model.moe"),
+        ("model.n_heads=5", "model"),
+        ("train.steps=-1", "train.steps"),
+    ],
+)
+def test_cross_field_problems_named_by_path(override, path):
+    with pytest.raises(JobSpecError) as err:
+        load_job(next(p for p in JOBS if p.stem == "quickstart"), [override])
+    assert path in [p for p, _ in err.value.problems], err.value.problems
