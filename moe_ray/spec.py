@@ -29,13 +29,35 @@ class DataConfig(Strict):
     max_bytes: PositiveInt = 64 * 2**20  # cap on the text read (the built-in corpus is ~30 MB)
 
 
+class WorkerRange(Strict):
+    min: PositiveInt
+    max: PositiveInt
+
+    @model_validator(mode="after")
+    def _order(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"resources.workers.min={self.min} exceeds resources.workers.max={self.max}")
+        return self
+
+
 class ResourcesConfig(Strict):
-    workers: PositiveInt = 2
+    # A fixed count, or {min, max}: Ray Train's elastic mode grows and shrinks the group.
+    workers: PositiveInt | WorkerRange = 2
     # auto: one GPU per worker when the cluster has GPUs, else CPU workers.
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
-    # Expert-parallel group size; None = all workers (pure EP). Must divide workers and experts.
+    # Expert-parallel group size; None = all workers (pure EP). Must divide the worker count.
     ep_size: PositiveInt | None = None
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
+    elastic_resize_interval_s: float = Field(60.0, gt=0)  # how often an elastic run looks for more nodes
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.max if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
 
 
 class CheckpointSpec(Strict):
@@ -66,15 +88,17 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
-        workers, moe = self.resources.workers, self.model.moe
-        ep = self.resources.ep_size or workers
+        res, moe = self.resources, self.model.moe
+        workers = res.max_workers
         problems = []
-        if workers % ep:
-            problems.append(f"resources.ep_size={ep} must divide resources.workers={workers}")
-        if moe.n_routed_experts % ep:
+        if isinstance(res.workers, WorkerRange) and res.ep_size:
+            problems.append("resources.ep_size must be unset with a worker range: every worker count is then pure EP")
+        elif res.ep_size and workers % res.ep_size:
+            problems.append(f"resources.ep_size={res.ep_size} must divide resources.workers={workers}")
+        if (res.ep_size or workers) > moe.n_routed_experts:
             problems.append(
-                f"the expert-parallel size {ep} must divide model.moe.n_routed_experts={moe.n_routed_experts} "
-                "(set resources.ep_size or change the worker count)"
+                f"resources.workers={workers} exceeds model.moe.n_routed_experts={moe.n_routed_experts}: "
+                "every expert-parallel worker must hold at least one expert (set resources.ep_size for DP)"
             )
         if self.train.batch_size < workers:
             problems.append(
@@ -89,9 +113,8 @@ class JobSpec(Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    @property
-    def ep_size(self) -> int:
-        return self.resources.ep_size or self.resources.workers
+    def ep_size_for(self, world_size: int) -> int:
+        return self.resources.ep_size or world_size
 
 
 class JobSpecError(Exception):

@@ -18,6 +18,7 @@ from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
 from moe_ray.parallel.groups import build_groups
 from moe_ray.parallel.placement import ExpertPlacement
+from moe_ray.runtime.worker import batch_share
 from moe_ray.train.step import clip_gradients
 from moe_ray.train.trainer import build_model
 
@@ -65,13 +66,13 @@ def _worker(rank, world, port, ep_size, hot, out_dir):
         if hot is not None:
             force_bias(model, hot)
         apply_expert_parallel(model, placement, rank, groups)
-        per = BATCH // world
-        out = model.compute_loss(batch()[rank * per : (rank + 1) * per])
-        (out.loss / world).backward()
+        first, count = batch_share(BATCH, world, rank)
+        out = model.compute_loss(batch()[first : first + count])
+        (out.loss * count / BATCH).backward()
         grads = ExpertParallelGradients(model, groups)
         grads.sync(model)
         norm = grads.clip(model, max_norm=0.05)
-        loss = out.loss.detach() / world
+        loss = out.loss.detach() * count / BATCH
         dist.all_reduce(loss)
         torch.save(
             {
@@ -99,8 +100,8 @@ def reference(hot=None):
 
 @pytest.mark.parametrize(
     "world, ep_size, hot",
-    [(2, 2, None), (2, 1, None), (4, 2, None), (2, 2, [0, 1, 2])],
-    ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank"],
+    [(2, 2, None), (2, 1, None), (4, 2, None), (2, 2, [0, 1, 2]), (3, 3, None)],
+    ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank", "ep3_uneven"],
 )
 def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot):
     mp.start_processes(
@@ -134,5 +135,8 @@ def test_placement_blocks_and_nodes():
     assert p.expert_nodes(0).tolist() == [0] * 16  # rank 0's EP group lives on one node
     q = ExpertPlacement.from_node_ids(8, 4, ["a", "b", "a", "b"])
     assert q.expert_nodes(0).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    uneven = ExpertPlacement(10, 4, (0, 0, 1, 1))
+    assert uneven.block_sizes == [3, 3, 2, 2] and list(uneven.local_experts(3)) == [8, 9]
+    assert uneven.expert_nodes(0).tolist() == [0] * 6 + [1] * 4
     with pytest.raises(ValueError, match="must divide"):
-        ExpertPlacement(10, 4, (0, 0, 0, 0))
+        ExpertPlacement(8, 3, (0, 0, 0, 0))

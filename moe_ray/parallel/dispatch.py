@@ -39,29 +39,29 @@ def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torc
 class ExpertParallelDispatcher:
     """Implements the TokenDispatcher protocol of moe_ray.model.moe across an EP group."""
 
-    def __init__(self, group, ep_size: int, n_experts: int):
+    def __init__(self, group, block_sizes: list[int], ep_rank: int):
         self.group = group
-        self.ep_size = ep_size
-        self.per_rank = n_experts // ep_size
+        self.block_sizes = block_sizes  # experts held by each EP rank, contiguous blocks
+        self.n_local = block_sizes[ep_rank]
         self.bytes_moved = 0  # activation bytes this rank sent to OTHER ranks, forward + backward
 
     def __call__(
         self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
     ) -> torch.Tensor:
-        ep, per_rank = self.ep_size, self.per_rank
-        # counts_to[r, e]: my rows for local expert e of EP rank r. Exchange them so that
-        # counts_from[r, e] says how many rows rank r sends me for my local expert e.
-        counts_to = counts.view(ep, per_rank)
-        counts_from = torch.empty_like(counts_to)
-        dist.all_to_all_single(counts_from, counts_to.contiguous(), group=self.group)
-        send = counts_to.sum(dim=1).tolist()
+        ep, n_local = len(self.block_sizes), self.n_local
+        # My rows per expert, split by owner; exchanged so that counts_from[r, e] says how many
+        # rows EP rank r sends me for my local expert e.
+        counts_from = torch.empty(ep * n_local, dtype=counts.dtype, device=counts.device)
+        dist.all_to_all_single(counts_from, counts.contiguous(), [n_local] * ep, self.block_sizes, group=self.group)
+        counts_from = counts_from.view(ep, n_local)
+        send = [int(c.sum()) for c in counts.split(self.block_sizes)]
         recv = counts_from.sum(dim=1).tolist()
         # Gates ride along as one more column: one collective instead of two, both ways.
         payload = torch.cat([rows, gates.unsqueeze(1).to(rows.dtype)], dim=1)
         received, received_gates = all_to_all(payload, send, recv, self.group).split([rows.shape[1], 1], dim=1)
         received_gates = received_gates.squeeze(1)
         # Received rows are ordered (source rank, local expert); experts need them by expert.
-        expert_of_row = torch.arange(per_rank, device=rows.device).repeat(ep).repeat_interleave(counts_from.flatten())
+        expert_of_row = torch.arange(n_local, device=rows.device).repeat(ep).repeat_interleave(counts_from.flatten())
         perm = torch.argsort(expert_of_row, stable=True)
         inverse = inverse_permutation(perm)
         out = experts(

@@ -25,5 +25,5 @@ def apply_expert_parallel(model: MoETransformer, placement: ExpertPlacement, ran
         shard.w2.copy_(full.w2[local.start : local.stop])
         shard.use_grouped_mm = full.use_grouped_mm
         layer.experts = shard
-        layer.dispatcher = ExpertParallelDispatcher(groups.ep, placement.ep_size, placement.n_experts)
+        layer.dispatcher = ExpertParallelDispatcher(groups.ep, placement.block_sizes, placement.ep_rank(rank))
         layer.router.set_expert_nodes(placement.expert_nodes(rank))

@@ -1,8 +1,10 @@
 """Expert placement (DESIGN 5.3): which rank computes which global expert, and on which node.
 
 Ranks are laid out as `dp_size` expert-parallel (EP) groups of `ep_size` consecutive ranks.
-Within each EP group, EP rank i holds the contiguous block of experts
-[i * per_rank, (i + 1) * per_rank); the same block is replicated in every EP group.
+Within each EP group, EP rank i holds a contiguous block of experts; blocks differ in size by at
+most one when `ep_size` does not divide the number of experts (so any worker count up to the
+number of experts works: elastic runs and `moe-ray scale` need that). The same blocks are
+replicated in every EP group.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ class ExpertPlacement:
     def __post_init__(self):
         if self.world_size % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide the world size {self.world_size}")
-        if self.n_experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide the number of experts {self.n_experts}")
+        if self.ep_size > self.n_experts:
+            raise ValueError(f"ep_size={self.ep_size} exceeds the number of experts {self.n_experts}")
 
     @classmethod
     def from_node_ids(cls, n_experts: int, ep_size: int, node_ids: list[str]) -> ExpertPlacement:
@@ -40,8 +42,15 @@ class ExpertPlacement:
         return self.world_size // self.ep_size
 
     @property
+    def block_sizes(self) -> list[int]:
+        """Experts held by each EP rank (the first n_experts % ep_size hold one more)."""
+        base, extra = divmod(self.n_experts, self.ep_size)
+        return [base + (1 if i < extra else 0) for i in range(self.ep_size)]
+
+    @property
     def experts_per_rank(self) -> int:
-        return self.n_experts // self.ep_size
+        """The largest block (all blocks when ep_size divides the number of experts)."""
+        return self.block_sizes[0]
 
     def ep_rank(self, rank: int) -> int:
         return rank % self.ep_size
@@ -56,15 +65,17 @@ class ExpertPlacement:
         return list(range(self.ep_rank(rank), self.world_size, self.ep_size))
 
     def local_experts(self, rank: int) -> range:
-        first = self.ep_rank(rank) * self.experts_per_rank
-        return range(first, first + self.experts_per_rank)
+        sizes = self.block_sizes
+        i = self.ep_rank(rank)
+        first = sum(sizes[:i])
+        return range(first, first + sizes[i])
 
     def expert_nodes(self, rank: int) -> torch.Tensor:
         """(n_experts,) node index of each expert as `rank` reaches it (within its EP group);
         the node groups of node-limited routing."""
         group = self.ep_group_ranks(rank)
         per_rank = torch.tensor([self.node_of_rank[r] for r in group])
-        nodes = per_rank.repeat_interleave(self.experts_per_rank)
+        nodes = per_rank.repeat_interleave(torch.tensor(self.block_sizes))
         # Renumber 0 .. k-1 so the router sees dense node ids.
         return torch.unique(nodes, return_inverse=True)[1]
 
@@ -72,5 +83,10 @@ class ExpertPlacement:
         n_nodes = len(set(self.node_of_rank))
         return (
             f"{self.n_experts} experts over {self.world_size} workers on {n_nodes} node(s): "
-            f"EP {self.ep_size} x DP {self.dp_size}, {self.experts_per_rank} experts per worker"
+            f"EP {self.ep_size} x DP {self.dp_size}, "
+            + (
+                f"{self.experts_per_rank} experts per worker"
+                if len(set(self.block_sizes)) == 1
+                else f"{min(self.block_sizes)}-{self.experts_per_rank} experts per worker"
+            )
         )

@@ -10,12 +10,21 @@ blocking them.
 
 Workers of one worker-group start share a `generation`; counts from an older generation (a
 worker group that was torn down) are ignored.
+
+The coordinator lives outside the worker group, so it survives worker restarts. It is itself
+restartable (Ray restarts the actor and retries the calls in flight): a fresh coordinator
+knows no generation, answers the first exchange with NeedsSeed, and the workers re-seed it
+with the bias they all routed with (checked by digest) before exchanging again.
+
+Lists the driver reads (metrics, events, load history) only grow; the driver drops repeated
+steps after a restart. `epoch` changes when the actor itself restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -36,6 +45,10 @@ class StaleGeneration(Exception):
     """The caller belongs to a worker group the coordinator no longer serves."""
 
 
+class NeedsSeed(Exception):
+    """A restarted coordinator that has not yet been given the bias: call `reseed` first."""
+
+
 class CoordinatorState:
     """Plain-Python core of the coordinator, usable (and tested) without Ray."""
 
@@ -45,6 +58,7 @@ class CoordinatorState:
         self.bias = torch.zeros(n_layers, n_experts, dtype=torch.float32)
         self.bias_version = 0  # the step this bias is for
         self.recent: dict[int, torch.Tensor] = {0: self.bias}  # version -> bias, the last few
+        self.epoch = uuid.uuid4().hex  # new after an actor restart
         self.generation = 0
         self.world_size = 0
         self.pending: dict[int, dict[int, np.ndarray]] = {}
@@ -71,8 +85,6 @@ class CoordinatorState:
         for ev in self.done.values():
             ev.set()  # release any waiter of the old generation; it will see the new generation
         self.done.clear()
-        self.load_history = [h for h in self.load_history if h["step"] < step]
-        self.metrics = [m for m in self.metrics if m["step"] < step]
         self.events.append(
             {
                 "event": "start",
@@ -84,12 +96,31 @@ class CoordinatorState:
         )
         return self.generation
 
+    def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
+        """After an actor restart: adopt the workers' generation and the bias they routed `step`
+        with. Every worker calls it; the first one seeds, the others must agree."""
+        bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
+        if self.generation != generation:
+            self.generation, self.world_size = generation, world_size
+            self.bias, self.bias_version, self.recent = bias, step, {step: bias}
+            self.events.append({"event": "coordinator_restart", "step": step, "time": time.time()})
+        elif step in self.recent and bias_digest(self.recent[step]) != bias_digest(bias):
+            self.bias_mismatches.append({"step": step, "reseed": True})
+        return bias_digest(self.recent.get(step, bias))
+
+    def deduped_history(self) -> list[dict]:
+        """The load history with each step once (the latest run of a step after a restart)."""
+        latest = {h["step"]: h for h in self.load_history}
+        return [latest[s] for s in sorted(latest)]
+
     def _event(self, step: int) -> asyncio.Event:
         return self.done.setdefault(step, asyncio.Event())
 
     def submit_counts(
         self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
     ) -> None:
+        if self.generation == 0 and generation > 0:
+            raise NeedsSeed("the coordinator restarted and has no bias yet")
         if generation != self.generation:
             return  # a worker of a torn-down group
         got = self.pending.setdefault(step, {})
@@ -135,7 +166,11 @@ class CoordinatorState:
         return step + 1, self.recent[step + 1].numpy().copy()
 
 
-@ray.remote(num_cpus=0)
+COORDINATOR_NAMESPACE = "moe-ray"
+
+
+# Restartable: Ray brings it back after a crash and retries the calls that were in flight.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Coordinator:
     """Ray actor around CoordinatorState. Async: a `get_bias` waits without blocking the others."""
 
@@ -147,11 +182,30 @@ class Coordinator:
 
     async def exchange(
         self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
-    ) -> tuple[int, np.ndarray]:
-        """A worker's counts of `step` in, the bias for step + 1 out (once every worker's counts
-        are in). One call per worker and step: the reply is the only wait."""
+    ) -> tuple[int, np.ndarray, int | None]:
+        """A worker's counts of `step` in; out, once every worker's counts are in: the bias for
+        step + 1 and the worker count asked for by `moe-ray scale` (None: no change). One call
+        per worker and step: the reply is the only wait."""
         self.state.submit_counts(generation, step, rank, counts, digest)
-        return await self.state.get_bias(generation, step)
+        version, bias = await self.state.get_bias(generation, step)
+        return version, bias, self.state.desired_workers
+
+    async def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
+        return self.state.reseed(generation, step, world_size, bias)
+
+    async def request_scale(self, workers: int) -> dict:
+        """Ask the run to continue with `workers` workers from its next step boundary."""
+        self.state.desired_workers = workers
+        self.state.events.append({"event": "scale_requested", "workers": workers, "time": time.time()})
+        return {"world_size": self.state.world_size, "workers": workers}
+
+    async def scale_done(self) -> None:
+        self.state.desired_workers = None
+
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     async def current_bias(self) -> tuple[int, np.ndarray]:
         return self.state.bias_version, self.state.bias.numpy().copy()
@@ -164,6 +218,8 @@ class Coordinator:
         s = self.state
         light = ("step", "max_vio", "bias_min", "bias_max")
         return {
+            "epoch": s.epoch,
+            "desired_workers": s.desired_workers,
             "metrics": s.metrics[metrics_from:],
             "events": s.events[events_from:],
             "history": [{k: h[k] for k in light} for h in s.load_history[history_from:]],
@@ -173,7 +229,7 @@ class Coordinator:
 
     async def load_history(self, max_points: int | None = None) -> list[dict]:
         """The per-step load history; with `max_points`, every k-th step so at most that many."""
-        h = self.state.load_history
+        h = self.state.deduped_history()
         if max_points and len(h) > max_points:
             stride = -(-len(h) // max_points)
             h = h[::stride]
@@ -189,3 +245,8 @@ class Coordinator:
 
 def coordinator_name(run_name: str) -> str:
     return f"moe-ray-coordinator:{run_name}"
+
+
+def get_coordinator(run_name: str):
+    """The live coordinator of a run, from any process connected to the run's Ray cluster."""
+    return ray.get_actor(coordinator_name(run_name), namespace=COORDINATOR_NAMESPACE)

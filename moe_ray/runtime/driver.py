@@ -14,11 +14,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from moe_ray.runtime.coordinator import Coordinator, coordinator_name
+from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import load_token_splits
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
-from moe_ray.spec import JobSpec, default_run_name
+from moe_ray.spec import JobSpec, WorkerRange, default_run_name
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location
 from moe_ray.storage.location import Location
@@ -151,79 +151,115 @@ def run_job(
             ray.shutdown()
 
 
-def _run(
-    job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
-) -> RunResult:
-    data = load_token_splits(job.data, job.model.vocab_size)
-    data_ref = ray.put(data)
-    coordinator = Coordinator.options(name=coordinator_name(run_name)).remote(
-        job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps
-    )
+def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> TorchTrainer:
+    """A TorchTrainer for `workers` (a count, or (min, max) for Ray Train's elastic mode). Every
+    trainer of a run has the same RunConfig(name, storage): it resumes the run's checkpoints."""
+    res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
     use_gpu = _use_gpu(job)
-    trainer = TorchTrainer(
+    elastic = isinstance(workers, tuple)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
             "run_name": run_name,
-            "coordinator": coordinator_name(run_name),
             "data": data_ref,
             "bias_mode": bias_mode,
         },
         scaling_config=ScalingConfig(
-            num_workers=job.resources.workers,
+            num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            **({"elastic_resize_monitor_interval_s": res.elastic_resize_interval_s} if elastic else {}),
         ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=res.max_failures),
         ),
     )
-    outcome: dict = {}
 
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # surfaced in the driver thread below
-            outcome["error"] = err
 
+def _merge(mine: list[dict], new: list[dict]) -> None:
+    """Append step entries; a step seen again (re-run after a restart) replaces the old ones."""
+    for entry in new:
+        while mine and mine[-1]["step"] >= entry["step"]:
+            mine.pop()
+        mine.append(entry)
+
+
+class _Cursor:
+    """Where the driver is in the coordinator's append-only lists (reset if the actor restarted)."""
+
+    def __init__(self):
+        self.epoch, self.metrics, self.events, self.history = None, 0, 0, 0
+
+
+def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
+    try:
+        update = ray.get(coordinator.progress.remote(cursor.metrics, cursor.events, cursor.history), timeout=30)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None
+    if update["epoch"] != cursor.epoch:
+        if cursor.epoch is not None:
+            # The coordinator restarted: it starts its lists anew. Read them from the start.
+            cursor.__init__()
+            cursor.epoch = update["epoch"]
+            return _poll(coordinator, progress, cursor)
+        cursor.epoch = update["epoch"]
+    cursor.metrics += len(update["metrics"])
+    cursor.events += len(update["events"])
+    cursor.history += len(update["history"])
+    _merge(progress.metrics, update["metrics"])
+    _merge(progress.history, update["history"])
+    progress.events += update["events"]
+    progress.max_vio = update["max_vio"] or progress.max_vio
+    return update
+
+
+def _run(
+    job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
+) -> RunResult:
+    data = load_token_splits(job.data, job.model.vocab_size)
+    data_ref = ray.put(data)
+    coordinator = Coordinator.options(name=coordinator_name(run_name), namespace=COORDINATOR_NAMESPACE).remote(
+        job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps
+    )
+    res = job.resources
+    workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
     tracking = RunTracking(job, run_name, address)
     log.warning(tracking.hint())
-    thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
-    thread.start()
     progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
+    cursor = _Cursor()
     while True:
-        alive = thread.is_alive()
-        try:
-            update = ray.get(
-                coordinator.progress.remote(len(progress.metrics), len(progress.events), len(progress.history)),
-                timeout=30,
-            )
-            progress.metrics += update["metrics"]
-            progress.events += update["events"]
-            progress.history += update["history"]
-            progress.max_vio = update["max_vio"] or progress.max_vio
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            pass
-        tracking.update(progress, coordinator)
-        if on_progress:
-            on_progress(progress)
-        if not alive:
+        outcome = _fit_and_follow(
+            _trainer(job, run_name, workers, data_ref, bias_mode),
+            coordinator,
+            progress,
+            cursor,
+            tracking,
+            on_progress,
+            poll_s,
+        )
+        if "error" in outcome:
+            tracking.finish(None, coordinator, status="FAILED")
+            raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
+        done = progress.last["step"] + 1 if progress.last else 0
+        desired = ray.get(coordinator.progress.remote(0, 0, 0))["desired_workers"]
+        if desired is None or done >= job.train.steps:
             break
-        thread.join(timeout=poll_s)
+        # `moe-ray scale`: the workers stopped at a step boundary with a checkpoint; a new worker
+        # group of the asked size resumes it (same run name and storage, same coordinator).
+        workers = desired
+        ray.get(coordinator.scale_done.remote())
+    result = outcome["result"]
     history = ray.get(coordinator.load_history.remote())
     consistency = ray.get(coordinator.bias_consistency.remote())
-    if "error" in outcome:
-        tracking.finish(None, coordinator, status="FAILED")
-        raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
-    result = outcome["result"]
     summary = next((e for e in reversed(progress.events) if e.get("event") == "eval"), {})
     last = progress.last or {}
-    result = RunResult(
+    run_result = RunResult(
         run_name=run_name,
         run_location=str(run_location(job.checkpoint.storage, run_name)),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
@@ -235,12 +271,34 @@ def _run(
         load_history=history,
         bias_consistency=consistency,
         seconds=time.time() - start,
-        mlflow_run_id=tracking.tracker.run_id,
         mlflow_uri=tracking.uri,
     )
-    tracking.finish(result, coordinator)
-    result.mlflow_run_id = tracking.tracker.run_id
-    return result
+    tracking.finish(run_result, coordinator)
+    run_result.mlflow_run_id = tracking.tracker.run_id
+    return run_result
+
+
+def _fit_and_follow(trainer, coordinator, progress, cursor, tracking, on_progress, poll_s) -> dict:
+    """trainer.fit() in a thread; meanwhile stream progress to the callback and to MLflow."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # surfaced in the driver thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        _poll(coordinator, progress, cursor)
+        tracking.update(progress, coordinator)
+        if on_progress:
+            on_progress(progress)
+        if not alive:
+            return outcome
+        thread.join(timeout=poll_s)
 
 
 def _root_cause(err: BaseException) -> str:

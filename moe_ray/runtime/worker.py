@@ -8,6 +8,7 @@ all-to-all, and routes with the bias the coordinator hands out.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
 from moe_ray.parallel.groups import build_groups
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.coordinator import StaleGeneration, bias_digest
+from moe_ray.runtime.coordinator import NeedsSeed, StaleGeneration, bias_digest, get_coordinator
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
@@ -53,6 +54,7 @@ class AllReduceBias:
     def __init__(self, model, balance, total_steps: int, device):
         self.bias, self.balance, self.total, self.device = model.get_expert_bias().cpu(), balance, total_steps, device
         self.counts = None
+        self.desired_workers = None
 
     def submit(self, step: int, counts: torch.Tensor) -> None:
         self.counts = all_reduce_sum(counts.to(torch.int64), self.device)
@@ -66,22 +68,34 @@ class CoordinatorBias:
     """BiasSource over the coordinator actor: send the counts in a call that answers with the
     next bias, and wait for that answer only after the optimizer step (DESIGN 5.2)."""
 
-    def __init__(self, coordinator, generation: int, rank: int, model):
+    def __init__(self, coordinator, generation: int, rank: int, world_size: int, model):
         self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
+        self.world_size = world_size
         self.pending = None
         self.version = None
+        self.desired_workers = None  # set when `moe-ray scale` asks for another worker count
+        self.counts = None
 
     def submit(self, step: int, counts: torch.Tensor) -> None:
+        self.counts = counts.cpu().numpy()
         digest = bias_digest(self.model.get_expert_bias().cpu())  # the bias this step routed with
-        self.pending = self.coordinator.exchange.remote(self.generation, step, self.rank, counts.cpu().numpy(), digest)
+        self.pending = self.coordinator.exchange.remote(self.generation, step, self.rank, self.counts, digest)
 
     def next_bias(self, step: int) -> torch.Tensor:
         try:
-            version, bias = ray.get(self.pending)
+            version, bias, self.desired_workers = ray.get(self.pending)
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, StaleGeneration):
                 raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
-            raise
+            if not isinstance(err.cause, NeedsSeed):
+                raise
+            # The coordinator restarted: seed it with the bias this step routed with (the same on
+            # every rank, which it checks), then send the counts again.
+            bias_now = self.model.get_expert_bias().cpu().numpy()
+            ray.get(self.coordinator.reseed.remote(self.generation, step, self.world_size, bias_now))
+            digest = bias_digest(bias_now)
+            retry = self.coordinator.exchange.remote(self.generation, step, self.rank, self.counts, digest)
+            version, bias, self.desired_workers = ray.get(retry)
         if version != step + 1:
             raise RuntimeError(f"coordinator returned bias version {version} for step {step + 1}")
         self.version = version
@@ -205,10 +219,11 @@ def train_loop_per_worker(config: dict) -> None:
         tune_cpu_allocator()
         torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     data: TokenSplits = ray.get(config["data"])
-    coordinator = ray.get_actor(config["coordinator"])
+    coordinator = get_coordinator(run_name)
 
     node_ids = all_gather(ray.get_runtime_context().get_node_id())
-    placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size, node_ids)
+    pids = all_gather(os.getpid())
+    placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size_for(world), node_ids)
     groups = build_groups(placement, rank)
     ctx = WorkerContext(job, run_name, rank, world, device, placement)
 
@@ -226,6 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
                     "step": start_step,
                     "detail": placement.describe(),
                     "resumed": start_step > 0,
+                    "world_size": world,
+                    "pids": pids,
+                    "time": time.time(),
                 }
             )
         )
@@ -240,7 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("bias_mode") == "allreduce":
         bias_source = AllReduceBias(model, job.balance, cfg.steps, device)
     else:
-        bias_source = CoordinatorBias(coordinator, generation, rank, model)
+        bias_source = CoordinatorBias(coordinator, generation, rank, world, model)
     grads = ExpertParallelGradients(model, groups)
     every = job.checkpoint.every
     multi_node = len(set(placement.node_of_rank)) > 1
@@ -293,10 +311,19 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 coordinator.record.remote(summary)
             save_checkpoint(ctx, model, optimizer, done, metrics | {"val_loss": val_loss}, summary)
-        elif every and done % every == 0:
+            break
+        # `moe-ray scale`: every rank got the same request in the same reply, so all stop here,
+        # after this step, with a checkpoint that the new worker group resumes from.
+        scale_to = bias_source.desired_workers if bias_source.desired_workers not in (None, world) else None
+        if (every and done % every == 0) or scale_to:
             save_checkpoint(ctx, model, optimizer, done, metrics, summary)
             if rank == 0:
                 coordinator.record.remote({"event": "checkpoint", "step": done})
+        if scale_to:
+            if rank == 0:
+                event = {"event": "scaling", "step": done, "from": world, "to": scale_to, "time": time.time()}
+                ray.get(coordinator.record.remote(event))
+            break
 
 
 def _eval_event(step: int, loss: float, counts: torch.Tensor) -> dict:
