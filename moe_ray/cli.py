@@ -93,6 +93,39 @@ def checkpoints(
         typer.echo(f"{c.name:<16} {c.step:>8} {c.size / 2**20:>10.2f}MB  {'complete' if c.complete else 'INCOMPLETE'}")
 
 
+@app.command()
+def scale(
+    run: Annotated[str, typer.Argument(help="A local run name, or the submission id of a submitted job.")],
+    workers: Annotated[int, typer.Option(help="The worker count to continue with.")],
+    address: Annotated[
+        str | None, typer.Option(help="For a submitted job: the Ray dashboard (http://HEAD:8265).")
+    ] = None,
+) -> None:
+    """Change a running run's worker count: it finishes its step, checkpoints, and continues."""
+    import ray
+
+    from moe_ray.runtime.driver import RunError, request_scale
+
+    if run.startswith("moe-ray-") and address and address.startswith("http"):
+        # A submitted job: its coordinator lives in the cluster; ask from a small job there.
+        from moe_ray.submit import SubmitError, scale_submitted
+
+        try:
+            sub = scale_submitted(address, run, workers)
+        except SubmitError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"scale request for {run} sent ({sub})")
+        return
+    ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        out = request_scale(run, workers)
+    except RunError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
+
+
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard, e.g. http://HEAD:8265.")]
 
 

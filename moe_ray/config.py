@@ -183,3 +183,6 @@ class TrainConfig(Strict):
     seed: int = 0
     # auto: bf16 autocast on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Record a digest of every step's global batch (one small gather per step): proves that
+    # restarts and rescaling neither repeat nor skip samples.
+    audit_data: bool = False

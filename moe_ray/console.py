@@ -71,6 +71,15 @@ class ProgressReporter:
             )
         elif kind == "checkpoint":
             text = f"checkpoint @ step {ev['step']}"
+        elif kind == "restart":
+            text = (
+                f"restarted ({ev['cause']}) at step {ev['step']} with {ev['world_size']} workers: "
+                f"{ev['steps_lost']} step(s) lost, {ev['recovery_s']:.1f} s from the last step to the new group"
+            )
+        elif kind == "scale_requested":
+            text = f"scale requested: {ev['workers']} workers from the next step boundary"
+        elif kind == "coordinator_restart":
+            text = f"coordinator restarted at step {ev['step']}; re-seeded with the workers' bias"
         else:
             return
         (self.bar.console if self.bar else console).print(text, highlight=False)

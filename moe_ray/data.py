@@ -92,6 +92,13 @@ def sample_windows(tokens: np.ndarray, window: int, seed: int, step: int, first:
     return torch.from_numpy(batch.astype(np.int64))
 
 
+def batch_digest(windows: torch.Tensor) -> list[str]:
+    """One short hash per sample (row): the global batch's digest is the list in sample order."""
+    import hashlib
+
+    return [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:12] for row in windows.cpu()]
+
+
 def eval_windows(tokens: np.ndarray, window: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:
     """A fixed validation set: evenly spaced windows over the validation tokens."""
     total = batch_size * n_batches

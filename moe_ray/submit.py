@@ -108,6 +108,27 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
         return None, None  # tracking never blocks a submission; the driver creates the run later
 
 
+def scale_submitted(address: str, submission_id: str, workers: int) -> str:
+    """Send `moe-ray scale` to the coordinator of a submitted job, from a small job in its
+    cluster (the coordinator is reachable only from inside). Returns that job's id."""
+    jobs = client(address)
+    try:
+        info = jobs.get_job_info(submission_id)
+    except Exception as err:
+        raise SubmitError(f"no job {submission_id} at {address}: {_first_line(err)}") from None
+    run_name = (info.metadata or {}).get("moe_ray.run")
+    if not run_name:
+        raise SubmitError(f"{submission_id} is not a moe-ray job")
+    if info.status.is_terminal():
+        raise SubmitError(f"{submission_id} has ended ({info.status.value}); nothing to scale")
+    helper = jobs.submit_job(
+        entrypoint=f"python -m moe_ray.cli scale {run_name} --workers {int(workers)} --address auto",
+        runtime_env={"py_modules": [str(Path(moe_ray.__file__).parent)]},
+        metadata={"moe_ray.scale_of": submission_id},
+    )
+    return helper
+
+
 def moe_jobs(address: str) -> list:
     """The cluster's moe-ray jobs (those submitted by `moe-ray submit`), oldest first."""
     jobs = [j for j in client(address).list_jobs() if (j.metadata or {}).get("moe_ray.run")]

@@ -1,8 +1,11 @@
 """Checkpoints through S3 over real HTTP (moto's server mode) with a real local Ray."""
 
+import os
+
 import boto3
 import pytest
 from conftest import tiny_job
+from faulty_proxy import FaultyProxy
 
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
@@ -14,7 +17,17 @@ BUCKET = "moe-ray-test"
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_stack, local_ray):
+def s3_proxy(s3_stack):
+    """Everything goes through a proxy that can fail chosen uploads (it passes all else through)."""
+    proxy = FaultyProxy(s3_stack.s3_endpoint).start()
+    os.environ["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
+    yield proxy
+    os.environ["AWS_ENDPOINT_URL_S3"] = s3_stack.s3_endpoint
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_proxy, local_ray):
     """Ray started after the AWS variables are set, so its workers reach the S3 server too."""
     return local_ray
 
@@ -107,3 +120,26 @@ def test_user_data_and_tokenizer_read_from_s3(s3_ray, tmp_path):
     cfg = DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", tokenizer=f"s3://{BUCKET}/tok/tokenizer.json")
     ids = load_token_splits(cfg, 256).train
     assert np.array_equal(ids[: len(tok.encode(docs[0]).ids)], tok.encode(docs[0]).ids)
+
+
+@pytest.mark.slow
+def test_failed_checkpoint_upload_is_never_restored_and_training_goes_on(s3_ray, s3_proxy):
+    """Uploads of the step-4 checkpoint fail (HTTP 500 from the endpoint) until the S3 client's
+    retries are exhausted: that worker group fails, the next one resumes from the complete
+    step-2 checkpoint (not the partial step 4), and the later checkpoints are written normally."""
+    job = tiny_job(f"s3://{BUCKET}/runs", train__steps=6, checkpoint__every=2, resources__max_failures=3)
+    s3_proxy.fail("/runs/s3fault/step-00000004/", count=10_000)
+
+    def heal_after_restart(progress):
+        if any(e.get("event") == "restart" for e in progress.events):
+            s3_proxy.fail("", 0)  # the endpoint works again
+
+    result = run_job(job, run_name="s3fault", on_progress=heal_after_restart)
+    assert s3_proxy.failed, "no upload was failed: the fault was not injected"
+    assert result.final_step == 6
+    restarts = [e for e in result.progress.events if e.get("event") == "restart"]
+    assert restarts and all(r["cause"] == "worker failure" for r in restarts)
+    assert restarts[0]["step"] == 2
+    assert [m["step"] for m in result.progress.metrics] == list(range(6))
+    ckpts = list_checkpoints(run_location(job.checkpoint.storage, "s3fault"))
+    assert [(c.step, c.complete) for c in ckpts if c.step in (4, 6)] == [(4, True), (6, True)]

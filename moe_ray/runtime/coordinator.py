@@ -174,8 +174,10 @@ COORDINATOR_NAMESPACE = "moe-ray"
 class Coordinator:
     """Ray actor around CoordinatorState. Async: a `get_bias` waits without blocking the others."""
 
-    def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int):
+    def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int, scale_rule: dict | None = None):
         self.state = CoordinatorState(n_layers, n_experts, balance, total_steps)
+        # What `moe-ray scale` may ask for: at most `max` workers, a multiple of `ep_size` if set.
+        self.scale_rule = scale_rule or {"max": n_experts, "ep_size": None}
 
     async def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
         return self.state.begin(step, world_size, bias)
@@ -195,6 +197,14 @@ class Coordinator:
 
     async def request_scale(self, workers: int) -> dict:
         """Ask the run to continue with `workers` workers from its next step boundary."""
+        rule = self.scale_rule
+        if not 1 <= workers <= rule["max"]:
+            raise ValueError(
+                f"cannot scale to {workers} workers: this job allows 1 to {rule['max']} "
+                "(no more workers than routed experts, nor than sequences per step)"
+            )
+        if rule["ep_size"] and workers % rule["ep_size"]:
+            raise ValueError(f"cannot scale to {workers} workers: resources.ep_size={rule['ep_size']} must divide it")
         self.state.desired_workers = workers
         self.state.events.append({"event": "scale_requested", "workers": workers, "time": time.time()})
         return {"world_size": self.state.world_size, "workers": workers}

@@ -182,6 +182,21 @@ def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> 
     )
 
 
+def _restart_event(progress: Progress, placement: dict, last_before: dict | None) -> dict:
+    """A worker group started again: why, how many steps were lost, how long it took."""
+    earlier = progress.events[:-1]  # the last event is `placement` itself
+    scaled = next((e for e in reversed(earlier) if e.get("event") in ("scaling", "placement")), {})
+    last_step = last_before["step"] + 1 if last_before else 0
+    return {
+        "event": "restart",
+        "cause": "scale" if scaled.get("event") == "scaling" else "worker failure",
+        "step": placement["step"],
+        "world_size": placement.get("world_size"),
+        "steps_lost": max(0, last_step - placement["step"]),
+        "recovery_s": placement["time"] - (last_before["time"] if last_before else placement["time"]),
+    }
+
+
 def _merge(mine: list[dict], new: list[dict]) -> None:
     """Append step entries; a step seen again (re-run after a restart) replaces the old ones."""
     for entry in new:
@@ -212,9 +227,13 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
     cursor.metrics += len(update["metrics"])
     cursor.events += len(update["events"])
     cursor.history += len(update["history"])
+    before = progress.last
+    for ev in update["events"]:
+        progress.events.append(ev)
+        if ev.get("event") == "placement" and any(e.get("event") == "placement" for e in progress.events[:-1]):
+            progress.events.append(_restart_event(progress, ev, before))
     _merge(progress.metrics, update["metrics"])
     _merge(progress.history, update["history"])
-    progress.events += update["events"]
     progress.max_vio = update["max_vio"] or progress.max_vio
     return update
 
@@ -224,8 +243,9 @@ def _run(
 ) -> RunResult:
     data = load_token_splits(job.data, job.model.vocab_size)
     data_ref = ray.put(data)
+    scale_rule = {"max": min(job.model.moe.n_routed_experts, job.train.batch_size), "ep_size": job.resources.ep_size}
     coordinator = Coordinator.options(name=coordinator_name(run_name), namespace=COORDINATOR_NAMESPACE).remote(
-        job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps
+        job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps, scale_rule
     )
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
@@ -299,6 +319,20 @@ def _fit_and_follow(trainer, coordinator, progress, cursor, tracking, on_progres
         if not alive:
             return outcome
         thread.join(timeout=poll_s)
+
+
+def request_scale(run_name: str, workers: int) -> dict:
+    """Ask a running run (in the Ray cluster this process is connected to) for `workers` workers."""
+    from moe_ray.runtime.coordinator import get_coordinator
+
+    try:
+        coordinator = get_coordinator(run_name)
+    except ValueError:
+        raise RunError(f"no running run named {run_name!r} in this Ray cluster") from None
+    try:
+        return ray.get(coordinator.request_scale.remote(workers))
+    except ray.exceptions.RayTaskError as err:
+        raise RunError(_root_cause(err)) from None
 
 
 def _root_cause(err: BaseException) -> str:

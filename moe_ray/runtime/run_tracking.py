@@ -28,6 +28,7 @@ class RunTracking:
         self.tracker = Tracker(self.uri, cfg.experiment, run_name, enabled=cfg.enabled)
         self.seen = {"metrics": 0, "history": 0, "events": 0}
         self.last_heatmap = -1
+        self.restarts = 0
         self.tmp = Path(tempfile.mkdtemp(prefix="moe-ray-run-"))
         tags = {
             "moe_ray.job": job.name,
@@ -66,6 +67,20 @@ class RunTracking:
                 self.tracker.log_metrics(h["step"], vals)
         self.seen["history"] = len(progress.history)
         for ev in progress.events[self.seen["events"] :]:
+            if ev.get("event") == "restart":
+                self.restarts += 1
+                self.tracker.log_metrics(
+                    ev["step"],
+                    {
+                        "restarts": self.restarts,
+                        "restart/recovery_s": ev["recovery_s"],
+                        "restart/steps_lost": ev["steps_lost"],
+                        "workers": ev["world_size"] or 0,
+                    },
+                )
+                self.tracker.set_tags({"moe_ray.last_restart": f"{ev['cause']} at step {ev['step']}"})
+            elif ev.get("event") == "coordinator_restart":
+                self.tracker.set_tags({"moe_ray.coordinator_restart": f"at step {ev['step']}"})
             if ev.get("event") == "eval":
                 vals = {"val_loss": ev["val_loss"], "max_vio_global/mean": ev["max_vio_global_mean"]}
                 vals |= {f"max_vio_global/layer_{i}": v for i, v in enumerate(ev["max_vio_global"])}

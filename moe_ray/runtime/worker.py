@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ray.balance import bias_update_speed, update_bias
-from moe_ray.data import TokenSplits, eval_windows, sample_windows
+from moe_ray.data import TokenSplits, batch_digest, eval_windows, sample_windows
 from moe_ray.parallel.expert_parallel import apply_expert_parallel
 from moe_ray.parallel.grads import ExpertParallelGradients
 from moe_ray.parallel.groups import build_groups
@@ -296,6 +296,8 @@ def train_loop_per_worker(config: dict) -> None:
         for layer in model.moe_layers():
             layer.dispatcher.bytes_moved = 0
         metrics["a2a_bytes"] = int(all_reduce_sum(torch.tensor([moved], dtype=torch.int64), device))
+        if cfg.audit_data:  # per-sample hashes in global sample order, whatever the world size
+            metrics["batch_digest"] = [h for part in all_gather(batch_digest(batch)) for h in part]
         if multi_node:  # the same condition on every rank: the reduce is collective
             metrics["max_nodes_per_token"] = all_reduce_max(res.max_nodes or 0, device)
         if rank == 0:

@@ -1,0 +1,142 @@
+"""Recovery and rescaling on a real local Ray: a killed worker, `moe-ray scale` 2 -> 1 -> 3,
+and a killed coordinator. Every run must end with exactly the losses, samples and bias of an
+uninterrupted run."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+import torch
+from conftest import tiny_job
+
+from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.data import batch_digest, builtin_corpus, sample_windows
+from moe_ray.runtime.coordinator import get_coordinator
+from moe_ray.runtime.driver import request_scale, run_job
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return tiny_job(tmp_path_factory.mktemp("runs"), train__steps=STEPS, train__audit_data=True, checkpoint__every=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, job):
+    return run_job(job, run_name="straight")
+
+
+def expected_digests(job):
+    data = builtin_corpus(job.data.max_bytes)
+    window = job.train.seq_len + 1 + job.model.mtp.depth
+    return [
+        batch_digest(sample_windows(data.train, window, job.train.seed, s, 0, job.train.batch_size))
+        for s in range(job.train.steps)
+    ]
+
+
+def assert_same_as_uninterrupted(result, uninterrupted, job):
+    steps = [m["step"] for m in result.progress.metrics]
+    assert steps == list(range(STEPS))
+    np.testing.assert_allclose(
+        [m["loss"] for m in result.progress.metrics],
+        [m["loss"] for m in uninterrupted.progress.metrics],
+        rtol=2e-5,
+        atol=1e-6,
+    )
+    assert [m["batch_digest"] for m in result.progress.metrics] == expected_digests(job)
+    assert result.bias_consistency["mismatches"] == []
+
+
+def restarts(result):
+    return [e for e in result.progress.events if e.get("event") == "restart"]
+
+
+def test_killed_worker_recovers_from_the_last_checkpoint(job, uninterrupted):
+    state = {}
+
+    def kill_rank1(progress):
+        if not state and progress.metrics and progress.metrics[-1]["step"] >= 4:
+            placement = [e for e in progress.events if e.get("event") == "placement"][-1]
+            os.kill(placement["pids"][1], signal.SIGKILL)
+            state["killed_after"] = progress.metrics[-1]["step"]
+
+    result = run_job(job, run_name="killed", on_progress=kill_rank1)
+    assert state and result.final_step == STEPS
+    [restart] = restarts(result)
+    assert restart["cause"] == "worker failure" and restart["step"] % 3 == 0 and restart["step"] > 0
+    assert restart["steps_lost"] >= state["killed_after"] + 1 - restart["step"]
+    assert restart["recovery_s"] > 0
+    assert_same_as_uninterrupted(result, uninterrupted, job)
+
+
+def test_scale_two_to_one_to_three(job, uninterrupted):
+    asked = []
+
+    def scaler(progress):
+        last = progress.metrics[-1]["step"] if progress.metrics else -1
+        world = (
+            [e for e in progress.events if e.get("event") == "placement"][-1]["world_size"]
+            if any(e.get("event") == "placement" for e in progress.events)
+            else None
+        )
+        if not asked and last >= 0:
+            asked.append(request_scale("scaled", 1))
+        elif len(asked) == 1 and world == 1:
+            asked.append(request_scale("scaled", 3))
+
+    result = run_job(job, run_name="scaled", on_progress=scaler, poll_s=0.1)
+    assert len(asked) == 2
+    moves = restarts(result)
+    assert [(r["cause"], r["world_size"], r["steps_lost"]) for r in moves] == [("scale", 1, 0), ("scale", 3, 0)]
+    placements = [e for e in result.progress.events if e.get("event") == "placement"]
+    assert [p["world_size"] for p in placements] == [2, 1, 3]
+    assert "3 workers" in placements[-1]["detail"]
+    assert_same_as_uninterrupted(result, uninterrupted, job)
+    # One bias chain across both rescalings: the rule applied to each step's summed counts.
+    bias = torch.zeros(job.model.n_moe_layers, job.model.moe.n_routed_experts)
+    assert [h["step"] for h in result.load_history] == list(range(STEPS))
+    for h in result.load_history:
+        bias = update_bias(bias, torch.from_numpy(h["counts"]), bias_update_speed(job.balance, h["step"], STEPS))
+        assert np.array_equal(h["bias"], bias.numpy())
+    assert result.bias_consistency["checked"] == STEPS
+
+
+def test_scale_refuses_impossible_worker_counts(job):
+    from moe_ray.runtime.driver import RunError
+
+    seen = {}
+
+    def ask(progress):
+        if progress.metrics and not seen:
+            for n in (0, 9):
+                try:
+                    request_scale("refused", n)
+                except RunError as err:
+                    seen[n] = str(err)
+
+    run_job(
+        job.model_copy(update={"train": job.train.model_copy(update={"steps": 3})}), run_name="refused", on_progress=ask
+    )
+    assert "allows 1 to 8" in seen[9] and "allows 1 to 8" in seen[0]
+
+
+def test_killed_coordinator_comes_back_with_the_same_bias(job, uninterrupted):
+    state = {}
+
+    def kill_coordinator(progress):
+        if not state and progress.metrics and progress.metrics[-1]["step"] >= 3:
+            ray.kill(get_coordinator("coordkill"), no_restart=False)
+            state["killed_after"] = progress.metrics[-1]["step"]
+
+    result = run_job(job, run_name="coordkill", on_progress=kill_coordinator)
+    assert state and result.final_step == STEPS
+    assert any(e.get("event") == "coordinator_restart" for e in result.progress.events)
+    assert restarts(result) == []  # the workers never restarted
+    assert_same_as_uninterrupted(result, uninterrupted, job)
+    assert result.bias_consistency["checked"] >= 1  # checked again after the restart
