@@ -126,6 +126,68 @@ def scale(
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
 
 
+@app.command(name="eval")
+def eval_checkpoint(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    data: Annotated[
+        str | None, typer.Option(help="Validation data (as data.source); default: the job's own data.")
+    ] = None,
+    batches: Annotated[int | None, typer.Option(help="Validation batches (default: the job's).")] = None,
+) -> None:
+    """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
+    from moe_ray.inference import evaluate_checkpoint, load_model
+    from moe_ray.runtime.data_loading import DataError, load_token_splits
+    from moe_ray.storage.checkpoint import CheckpointError
+
+    try:
+        loaded = load_model(checkpoint)
+        data_cfg = loaded.job.data if data is None else loaded.job.data.model_copy(update={"source": data})
+        if data_cfg.source != "builtin":
+            import ray
+
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        report = evaluate_checkpoint(loaded, load_token_splits(data_cfg, loaded.job.model.vocab_size), batches)
+    except (CheckpointError, DataError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    vio = report.result.max_vio_global.tolist()
+    typer.echo(f"checkpoint {checkpoint} (step {loaded.step})")
+    typer.echo(f"  val loss {report.result.loss:.4f}, perplexity {report.result.perplexity:.2f}")
+    typer.echo(
+        f"  MaxVio_global mean {sum(vio) / max(1, len(vio)):.3f}; per layer " + ", ".join(f"{v:.3f}" for v in vio)
+    )
+    typer.echo(f"  {report.tokens:,} tokens in {report.seconds:.2f} s: {report.tokens_per_s:,.0f} tokens/s")
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to add.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 40,
+    seed: Annotated[int, typer.Option(help="The same seed gives the same text.")] = 0,
+) -> None:
+    """Continue a prompt with a trained model (KV cache, the trained routing bias)."""
+    from moe_ray.inference import Tokenizer, load_model
+    from moe_ray.inference import generate as sample
+    from moe_ray.storage.checkpoint import CheckpointError
+
+    try:
+        loaded = load_model(checkpoint)
+    except CheckpointError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    tok = Tokenizer(loaded.job.data.tokenizer)
+    ids = tok.encode(prompt)
+    used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
+    if len(used) < len(ids):
+        typer.echo(
+            f"(prompt cut to its last {len(used)} tokens: the context is {loaded.job.model.max_seq_len})", err=True
+        )
+    typer.echo(tok.decode(used) + tok.decode(new))
+
+
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard, e.g. http://HEAD:8265.")]
 
 

@@ -107,23 +107,21 @@ def test_scale_two_to_one_to_three(job, uninterrupted):
     assert result.bias_consistency["checked"] == STEPS
 
 
-def test_scale_refuses_impossible_worker_counts(job):
+def test_scale_refuses_impossible_worker_counts(local_ray):
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
     from moe_ray.runtime.driver import RunError
 
-    seen = {}
-
-    def ask(progress):
-        if progress.metrics and not seen:
-            for n in (0, 9):
-                try:
-                    request_scale("refused", n)
-                except RunError as err:
-                    seen[n] = str(err)
-
-    run_job(
-        job.model_copy(update={"train": job.train.model_copy(update={"steps": 3})}), run_name="refused", on_progress=ask
+    rule = {"max": 8, "ep_size": None}
+    coord = Coordinator.options(name=coordinator_name("refused"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10, rule
     )
-    assert "allows 1 to 8" in seen[9] and "allows 1 to 8" in seen[0]
+    for n in (0, 9):
+        with pytest.raises(RunError, match="allows 1 to 8"):
+            request_scale("refused", n)
+    assert request_scale("refused", 3)["workers"] == 3
+    with pytest.raises(RunError, match="no running run named"):
+        request_scale("no-such-run", 2)
+    ray.kill(coord)
 
 
 def test_killed_coordinator_comes_back_with_the_same_bias(job, uninterrupted):

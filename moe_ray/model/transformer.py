@@ -89,7 +89,10 @@ class MoETransformer(nn.Module):
 
     def get_expert_bias(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts) copy of every layer's balance bias b."""
-        return torch.stack([m.router.expert_bias.detach().clone() for m in self.moe_layers()])
+        layers = self.moe_layers()
+        if not layers:  # an all-dense model
+            return torch.zeros(0, self.cfg.moe.n_routed_experts)
+        return torch.stack([m.router.expert_bias.detach().clone() for m in layers])
 
     @torch.no_grad()
     def set_expert_bias(self, bias: torch.Tensor) -> None:

@@ -1,0 +1,141 @@
+"""Using a trained model: load a checkpoint into one process, evaluate it, sample from it.
+
+A checkpoint of any worker count loads into a single full model (experts are keyed by global
+id). Routing uses the trained bias, which the checkpoint carries in every router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_ray.data import TokenSplits, decode_bytes, encode_bytes, eval_windows
+from moe_ray.model.transformer import MoETransformer
+from moe_ray.spec import JobSpec
+from moe_ray.storage import checkpoint as ckpt
+from moe_ray.storage.location import Location
+from moe_ray.train.evaluate import EvalResult, evaluate
+from moe_ray.train.trainer import build_model, default_device
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at `uri` (a folder, or s3://... downloaded)."""
+    loc = Location(uri)
+    if not loc.is_s3:
+        if not (loc.local_path / ckpt.INDEX).is_file():
+            raise ckpt.CheckpointError(f"{uri} is not a checkpoint folder (no {ckpt.INDEX})")
+        yield loc.local_path
+        return
+    from pyarrow.fs import copy_files
+
+    path, fs = loc.ray_storage()
+    with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
+        copy_files(path, tmp, source_filesystem=fs)
+        yield Path(tmp)
+
+
+@dataclass
+class LoadedModel:
+    model: MoETransformer
+    job: JobSpec
+    step: int
+
+
+def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
+    device = device or default_device()
+    with local_checkpoint(uri) as folder:
+        state = json.loads((folder / ckpt.STATE).read_text())
+        job = JobSpec.model_validate(state["job"])
+        model = build_model(job.model, job.balance, job.train.seed, device)
+        loaded = ckpt.load(folder, model, None)
+    model.eval()
+    return LoadedModel(model=model, job=job, step=loaded.step)
+
+
+class Tokenizer:
+    """Bytes, or the job's tokenizer.json: what the model was trained with."""
+
+    def __init__(self, spec: str):
+        from moe_ray.runtime.data_loading import load_tokenizer
+
+        self.hf = load_tokenizer(spec)
+
+    def encode(self, text: str) -> list[int]:
+        return encode_bytes(text) if self.hf is None else self.hf.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return decode_bytes(ids) if self.hf is None else self.hf.decode(ids)
+
+
+@dataclass
+class EvalReport:
+    result: EvalResult
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def evaluate_checkpoint(loaded: LoadedModel, data: TokenSplits, batches: int | None = None) -> EvalReport:
+    job = loaded.job
+    window = job.train.seq_len + 1 + job.model.mtp.depth
+    n = batches or job.train.eval_batches
+    windows = [
+        w.to(next(loaded.model.parameters()).device) for w in eval_windows(data.val, window, job.train.batch_size, n)
+    ]
+    start = time.perf_counter()
+    result = evaluate(loaded.model, windows, job.train.precision)
+    return EvalReport(result, sum(w.shape[0] * job.train.seq_len for w in windows), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def generate(
+    model: MoETransformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Sample up to `max_new_tokens` tokens after `prompt` with a KV cache.
+
+    Returns (the prompt tokens actually used, the new tokens). A prompt that does not leave
+    room in the context (model.max_seq_len) keeps its last tokens. temperature 0 = greedy.
+    Deterministic for a given seed."""
+    ctx = model.cfg.max_seq_len
+    max_new_tokens = max(0, min(max_new_tokens, ctx - 1))
+    if not prompt:
+        prompt = [0]
+    prompt = prompt[-(ctx - max_new_tokens) :]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    caches: list[dict] = [{} for _ in model.blocks]
+    logits = model(torch.tensor([prompt], device=device), caches)[0, -1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = _sample(logits.float().cpu(), temperature, top_k, gen)
+        out.append(token)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]], device=device), caches)[0, -1]
+    return prompt, out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))

@@ -1,0 +1,40 @@
+"""The balance study and the ablations run end to end on tiny settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_balance_study_tiny(tmp_path):
+    rows = run_bench(ROOT / "bench" / "balance_study.py", "--tiny", "--out", tmp_path)
+    variants = {r["variant"] for r in rows if r["metric"] == "val_loss"}
+    assert variants == {"loss_free", "aux_0.001", "aux_0.01", "none", "loss_free+seq_1e-4"}
+    assert all(r["value"] > 0 for r in rows if r["metric"] in ("val_loss", "max_vio_global"))
+    for name in ["max_vio_batch.png", "val_loss.png", "heatmap_loss_free.png", "heatmap_none.png"]:
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["none"]["max_vio_batch"]) == 6
+
+
+@pytest.mark.slow
+def test_ablations_tiny():
+    rows = run_bench(ROOT / "bench" / "ablations.py", "--tiny")
+    by = {r["metric"]: r for r in rows}
+    for pair in ("shared_experts", "segmentation", "mtp", "moe_vs_dense"):
+        assert f"{pair}.a.val_loss" in by and f"{pair}.b.val_loss" in by
+    # Equal active parameters within a pair (the router and the MTP module aside).
+    assert by["shared_experts.a.val_loss"]["active_params"] == by["shared_experts.b.val_loss"]["active_params"]
+    seg_a, seg_b = by["segmentation.a.val_loss"]["active_params"], by["segmentation.b.val_loss"]["active_params"]
+    assert abs(seg_a - seg_b) < 0.02 * seg_a
