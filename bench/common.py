@@ -51,3 +51,19 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
+
+
+def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0):
+    """The quickstart job cut to `steps` steps, no evaluation, checkpoints into `storage`."""
+    from pathlib import Path
+
+    from moe_ray.spec import load_job
+
+    overrides = [
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        f"checkpoint.every={checkpoint_every}",
+        f"checkpoint.storage={storage}",
+    ]
+    return load_job(Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml", overrides)

@@ -18,14 +18,12 @@ import numpy as np
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+from common import emit, short_quickstart  # noqa: E402
 
 from moe_ray.runtime.coordinator import Coordinator  # noqa: E402
 from moe_ray.runtime.driver import connect, run_job  # noqa: E402
-from moe_ray.spec import load_job  # noqa: E402
 
 BENCH = "coordinator"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_times(job, mode: str, skip: int) -> float:
@@ -68,16 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, skip = (30, 5) if args.quick else (80, 5)
     with tempfile.TemporaryDirectory() as storage:
-        job = load_job(
-            ROOT / "jobs" / "quickstart.yaml",
-            [
-                f"train.steps={steps}",
-                "train.eval_every=0",
-                "train.eval_batches=1",
-                "checkpoint.every=0",
-                f"checkpoint.storage={storage}",
-            ],
-        )
+        job = short_quickstart(storage, steps)
         connect(None, job)
         with_coordinator = step_times(job, "coordinator", skip)
         local = step_times(job, "allreduce", skip)

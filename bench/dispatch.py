@@ -15,16 +15,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+from common import emit, short_quickstart  # noqa: E402
 
 from moe_ray.data import builtin_corpus  # noqa: E402
 from moe_ray.runtime.driver import run_job  # noqa: E402
-from moe_ray.spec import load_job  # noqa: E402
 from moe_ray.system import tune_cpu_allocator  # noqa: E402
 from moe_ray.train.trainer import Trainer  # noqa: E402
 
 BENCH = "dispatch"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -34,16 +32,7 @@ def main() -> None:
     steps = 30 if args.quick else 80
     skip = 5  # warm-up steps left out of the medians
     with tempfile.TemporaryDirectory() as storage:
-        job = load_job(
-            ROOT / "jobs" / "quickstart.yaml",
-            [
-                f"train.steps={steps}",
-                "train.eval_every=0",
-                "train.eval_batches=1",
-                "checkpoint.every=0",
-                f"checkpoint.storage={storage}",
-            ],
-        )
+        job = short_quickstart(storage, steps)
         result = run_job(job, run_name="bench-ep2")
         metrics = result.progress.metrics
         ep2 = statistics.median(m["step_time"] for m in metrics[skip:])

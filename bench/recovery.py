@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+from common import emit, short_quickstart  # noqa: E402
 
 from moe_ray.runtime.driver import run_job  # noqa: E402
-from moe_ray.spec import load_job  # noqa: E402
 
 BENCH = "recovery"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -29,16 +27,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.parse_args()
     with tempfile.TemporaryDirectory() as storage:
-        job = load_job(
-            ROOT / "jobs" / "quickstart.yaml",
-            [
-                "train.steps=60",
-                "train.eval_every=0",
-                "train.eval_batches=1",
-                "checkpoint.every=20",
-                f"checkpoint.storage={storage}",
-            ],
-        )
+        job = short_quickstart(storage, 60, checkpoint_every=20)
         state: dict = {}
 
         def kill_after_step_30(progress):

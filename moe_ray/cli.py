@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Annotated
 
@@ -16,12 +17,20 @@ SetOpt = Annotated[
 ]
 
 
-def _load(job_file: str, overrides: list[str] | None):
+@contextlib.contextmanager
+def exit_on(*errors: type[Exception], code: int = 1):
+    """Expected failures (bad input, unreachable storage, ...) end the command with a one-line
+    message and an exit code, never a traceback."""
     try:
-        return load_job(job_file, overrides or [])
-    except JobSpecError as err:
+        yield
+    except errors as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(code) from None
+
+
+def _load(job_file: str, overrides: list[str] | None):
+    with exit_on(JobSpecError, code=2):
+        return load_job(job_file, overrides or [])
 
 
 @app.command()
@@ -110,19 +119,13 @@ def scale(
         # A submitted job: its coordinator lives in the cluster; ask from a small job there.
         from moe_ray.submit import SubmitError, scale_submitted
 
-        try:
+        with exit_on(SubmitError):
             sub = scale_submitted(address, run, workers)
-        except SubmitError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
         typer.echo(f"scale request for {run} sent ({sub})")
         return
     ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
-    try:
+    with exit_on(RunError):
         out = request_scale(run, workers)
-    except RunError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
 
 
@@ -139,7 +142,7 @@ def eval_checkpoint(
     from moe_ray.runtime.data_loading import DataError, load_token_splits
     from moe_ray.storage.checkpoint import CheckpointError
 
-    try:
+    with exit_on(CheckpointError, DataError):
         loaded = load_model(checkpoint)
         data_cfg = loaded.job.data if data is None else loaded.job.data.model_copy(update={"source": data})
         if data_cfg.source != "builtin":
@@ -147,9 +150,6 @@ def eval_checkpoint(
 
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         report = evaluate_checkpoint(loaded, load_token_splits(data_cfg, loaded.job.model.vocab_size), batches)
-    except (CheckpointError, DataError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     vio = report.result.max_vio_global.tolist()
     typer.echo(f"checkpoint {checkpoint} (step {loaded.step})")
     typer.echo(f"  val loss {report.result.loss:.4f}, perplexity {report.result.perplexity:.2f}")
@@ -173,11 +173,8 @@ def generate(
     from moe_ray.inference import generate as sample
     from moe_ray.storage.checkpoint import CheckpointError
 
-    try:
+    with exit_on(CheckpointError):
         loaded = load_model(checkpoint)
-    except CheckpointError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     tok = Tokenizer(loaded.job.data.tokenizer)
     ids = tok.encode(prompt)
     used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
@@ -194,11 +191,8 @@ AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboa
 def _jobs_client(address: str):
     from moe_ray.submit import SubmitError, client
 
-    try:
+    with exit_on(SubmitError):
         return client(address)
-    except SubmitError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -213,11 +207,8 @@ def submit(
     from moe_ray.submit import submit as do_submit
 
     job = _load(job_file, set_)
-    try:
+    with exit_on(SubmitError):
         out = do_submit(job, address, run_name)
-    except SubmitError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")
     if out["mlflow_link"]:
         typer.echo(f"MLflow run: {out['mlflow_link']}")
