@@ -117,10 +117,11 @@ def test_checkpoint_of_two_workers_reshards_bit_exact(ep2_run, job, world):
         assert torch.equal(resharded[key], t), key
 
 
-@pytest.mark.parametrize("workers", [1, 4])
+@pytest.mark.parametrize("workers", [1])
 def test_resume_with_another_worker_count_continues_the_same_run(ep2_run, job, storage, workers):
-    """Resume the step-3 checkpoint with 1 or 4 workers: the step-3 loss equals the
-    uninterrupted 2-worker run's, and so do the later ones."""
+    """Resume the step-3 checkpoint with 1 worker: the step-3 loss equals the uninterrupted
+    2-worker run's, and so do the later ones. (Loading into 4 workers is checked bit-exact
+    above; a live 1 -> 3 rescale is in test_elastic.)"""
     new_run = copy_checkpoint_as_new_run(storage, "ep2", "step-00000003", f"resume-{workers}")
     resumed_job = job.model_copy(update={"resources": job.resources.model_copy(update={"workers": workers})})
     result = run_job(resumed_job, resume=new_run)

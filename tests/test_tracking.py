@@ -65,8 +65,8 @@ def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_completes_when_the_server_dies_mid_run(local_ray, tmp_path):
-    stack = LocalStack(tmp_path / "mlflow", s3=False).start()
+def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tracked_run, tmp_path):
+    stack = mlflow_stack  # the module's server: the test above has read what it needs from it
     job = tiny_job(
         tmp_path / "runs", train__steps=8, tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1}
     )
@@ -77,10 +77,7 @@ def test_run_completes_when_the_server_dies_mid_run(local_ray, tmp_path):
             stack.stop_one("mlflow")
             killed["at"] = progress.metrics[-1]["step"]
 
-    try:
-        result = run_job(job, run_name="dies", on_progress=kill_after_first_step)
-    finally:
-        stack.stop()
+    result = run_job(job, run_name="dies", on_progress=kill_after_first_step)
     assert killed and killed["at"] < 7
     assert result.final_step == 8 and result.val_loss is not None
 

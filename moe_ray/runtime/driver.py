@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import load_token_splits
@@ -244,7 +245,12 @@ def _run(
     data = load_token_splits(job.data, job.model.vocab_size)
     data_ref = ray.put(data)
     scale_rule = {"max": min(job.model.moe.n_routed_experts, job.train.batch_size), "ep_size": job.resources.ep_size}
-    coordinator = Coordinator.options(name=coordinator_name(run_name), namespace=COORDINATOR_NAMESPACE).remote(
+    # On the driver's node (soft): the node that must live for the run anyway, not a worker
+    # node that may be lost (it would survive that too, by restarting and re-seeding).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    coordinator = Coordinator.options(
+        name=coordinator_name(run_name), namespace=COORDINATOR_NAMESPACE, scheduling_strategy=here
+    ).remote(
         job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps, scale_rule
     )
     res = job.resources
