@@ -6,13 +6,9 @@ id). Routing uses the trained bias, which the checkpoint carries in every router
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -20,26 +16,8 @@ from moe_ray.data import TokenSplits, decode_bytes, encode_bytes, eval_windows
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
-from moe_ray.storage.location import Location
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.trainer import build_model, default_device
-
-
-@contextlib.contextmanager
-def local_checkpoint(uri: str) -> Iterator[Path]:
-    """A local folder holding the checkpoint at `uri` (a folder, or s3://... downloaded)."""
-    loc = Location(uri)
-    if not loc.is_s3:
-        if not (loc.local_path / ckpt.INDEX).is_file():
-            raise ckpt.CheckpointError(f"{uri} is not a checkpoint folder (no {ckpt.INDEX})")
-        yield loc.local_path
-        return
-    from pyarrow.fs import copy_files
-
-    path, fs = loc.ray_storage()
-    with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
-        copy_files(path, tmp, source_filesystem=fs)
-        yield Path(tmp)
 
 
 @dataclass
@@ -51,7 +29,7 @@ class LoadedModel:
 
 def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
     device = device or default_device()
-    with local_checkpoint(uri) as folder:
+    with ckpt.local_checkpoint(uri) as folder:
         state = json.loads((folder / ckpt.STATE).read_text())
         job = JobSpec.model_validate(state["job"])
         model = build_model(job.model, job.balance, job.train.seed, device)

@@ -74,6 +74,7 @@ class TrackingConfig(Strict):
     experiment: str = "moe-ray"
     log_every: PositiveInt = 10  # steps between metric points
     heatmap_every: PositiveInt = 100  # steps between expert-load heatmap refreshes
+    log_model: bool = False  # also upload the final checkpoint's files as the run's `model/` artifacts
 
 
 class JobSpec(Strict):

@@ -26,7 +26,13 @@ def tracked_run(local_ray, mlflow_stack, tmp_path_factory):
         tmp_path_factory.mktemp("runs"),
         train__steps=6,
         train__eval_every=3,
-        tracking={"uri": mlflow_stack.mlflow_uri, "experiment": "tracked", "log_every": 2, "heatmap_every": 3},
+        tracking={
+            "uri": mlflow_stack.mlflow_uri,
+            "experiment": "tracked",
+            "log_every": 2,
+            "heatmap_every": 3,
+            "log_model": True,
+        },
     )
     return job, run_job(job, run_name="tracked")
 
@@ -61,6 +67,8 @@ def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack
         a.path for folder in ("job", "heatmaps", "summary") for a in client.list_artifacts(run.info.run_id, folder)
     }
     assert names == {"job/job.yaml", "heatmaps/expert_load.png", "summary/summary.json"}
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/index.json", "model/dense.safetensors", "model/state.json"} <= model_files
     local = client.download_artifacts(run.info.run_id, "heatmaps/expert_load.png")
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

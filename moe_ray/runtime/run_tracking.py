@@ -14,6 +14,7 @@ import ray
 
 from moe_ray.plots import load_heatmap
 from moe_ray.spec import JobSpec, dump_job
+from moe_ray.storage import checkpoint as ckpt
 from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow_http
 
 STEP_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "tokens_per_s", "step_time", "grad_norm")
@@ -106,6 +107,16 @@ class RunTracking:
         self.tracker.log_artifact(path, "heatmaps")
         self.last_heatmap = history[-1]["step"]
 
+    def _log_model(self, checkpoint: str) -> None:
+        """The final checkpoint as artifacts: enough to `moe-ray eval` / `generate` it from MLflow."""
+        try:
+            with ckpt.local_checkpoint(checkpoint) as folder:
+                for path in sorted(folder.iterdir()):
+                    if path.is_file():
+                        self.tracker.log_artifact(path, "model")
+        except Exception as err:  # the model upload never fails a finished run
+            self.tracker.set_tags({"moe_ray.model_upload_error": str(err)[:200]})
+
     def finish(self, result, coordinator, status: str = "FINISHED") -> None:
         if result is not None:
             self.heatmap(coordinator)
@@ -126,4 +137,6 @@ class RunTracking:
             path.write_text(json.dumps(summary, indent=2))
             self.tracker.log_artifact(path, "summary")
             self.tracker.set_tags({"moe_ray.checkpoint": result.checkpoint or ""})
+            if self.cfg.log_model and result.checkpoint:
+                self._log_model(result.checkpoint)
         self.tracker.close(status)

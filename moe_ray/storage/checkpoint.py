@@ -13,9 +13,12 @@ Only safetensors and JSON are read back: no pickle from storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe_ray.model.transformer import MoETransformer
+from moe_ray.storage.location import Location
 
 FORMAT = 1
 INDEX = "index.json"
@@ -224,6 +228,23 @@ def load(folder: Path, model: MoETransformer, optimizer: torch.optim.Optimizer |
             if found.get((layer, ex.first_expert + i)) != 2:
                 raise CheckpointError(f"{folder}: no weights for layer {layer} expert {ex.first_expert + i}")
     return TrainingState(step=step, extra=state)
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str) -> Iterator[Path]:
+    """A local folder holding the checkpoint at `uri` (a folder, or s3://... downloaded)."""
+    loc = Location(uri)
+    if not loc.is_s3:
+        if not (loc.local_path / INDEX).is_file():
+            raise CheckpointError(f"{uri} is not a checkpoint folder (no {INDEX})")
+        yield loc.local_path
+        return
+    from pyarrow.fs import copy_files
+
+    path, fs = loc.ray_storage()
+    with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
+        copy_files(path, tmp, source_filesystem=fs)
+        yield Path(tmp)
 
 
 def load_rng(folder: Path) -> torch.Tensor:
