@@ -212,6 +212,9 @@ class Coordinator:
     async def scale_done(self) -> None:
         self.state.desired_workers = None
 
+    async def desired_workers(self) -> int | None:
+        return self.state.desired_workers
+
     async def pid(self) -> int:
         import os
 

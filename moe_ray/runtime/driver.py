@@ -273,7 +273,7 @@ def _run(
             tracking.finish(None, coordinator, status="FAILED")
             raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
         done = progress.last["step"] + 1 if progress.last else 0
-        desired = ray.get(coordinator.progress.remote(0, 0, 0))["desired_workers"]
+        desired = ray.get(coordinator.desired_workers.remote())
         if desired is None or done >= job.train.steps:
             break
         # `moe-ray scale`: the workers stopped at a step boundary with a checkpoint; a new worker
@@ -299,6 +299,7 @@ def _run(
         seconds=time.time() - start,
         mlflow_uri=tracking.uri,
     )
+    # finish() sends the summary and closes the MLflow run (it creates the run if it had not yet).
     tracking.finish(run_result, coordinator)
     run_result.mlflow_run_id = tracking.tracker.run_id
     return run_result

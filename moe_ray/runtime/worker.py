@@ -129,8 +129,9 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
     latest = ray.train.get_checkpoint()
     if latest is not None:
         yield latest
-    path, fs = run_location(job.checkpoint.storage, run_name).ray_storage()
-    for info in reversed(list_checkpoints(run_location(job.checkpoint.storage, run_name))):
+    run = run_location(job.checkpoint.storage, run_name)
+    path, fs = run.ray_storage()
+    for info in reversed(list_checkpoints(run)):
         if latest is None or not latest.path.rstrip("/").endswith(info.name):
             yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
 
