@@ -123,7 +123,17 @@ def scale(
             sub = scale_submitted(address, run, workers)
         typer.echo(f"scale request for {run} sent ({sub})")
         return
-    ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+    from moe_ray.runtime.driver import run_marker
+
+    marker = run_marker(run)
+    if address is None and not marker.is_file():
+        typer.echo(f"error: no run {run!r} is running on this machine; for a cluster pass --address", err=True)
+        raise typer.Exit(1)
+    from moe_ray.submit import enable_token_auth
+
+    enable_token_auth()
+    with exit_on(ConnectionError):
+        ray.init(address=address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
     with exit_on(RunError):
         out = request_scale(run, workers)
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")

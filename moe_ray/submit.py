@@ -29,18 +29,24 @@ def token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
 
 
-def client(address: str):
-    """A JobSubmissionClient for `address` (http://HEAD:8265), with token auth when a token exists."""
-    from ray.job_submission import JobSubmissionClient
-
+def enable_token_auth() -> None:
+    """Use Ray's token authentication in this process when a token is available and the mode is
+    not set explicitly (what Ray's own CLI does). The token itself is never read here."""
     if "RAY_AUTH_MODE" not in os.environ and token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # let Ray's cached config see the mode (Ray does the same for its own CLI)
+        try:  # let Ray's cached config see the mode
             from ray._raylet import Config
 
             Config.initialize("")
         except Exception:
             pass
+
+
+def client(address: str):
+    """A JobSubmissionClient for `address` (http://HEAD:8265), with token auth when a token exists."""
+    from ray.job_submission import JobSubmissionClient
+
+    enable_token_auth()
     try:
         return JobSubmissionClient(address)
     except Exception as err:

@@ -44,3 +44,11 @@ def test_invalid_job_is_refused_with_every_problem(tmp_path):
     assert "model: " in proc.stderr and "n_heads=3 must divide" in proc.stderr
     assert "train.stepz: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_scale_of_an_unknown_local_run_is_refused():
+    cli = Path(sys.executable).parent / "moe-ray"
+    proc = subprocess.run(
+        [str(cli), "scale", "no-such-run-here", "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "no run 'no-such-run-here' is running on this machine" in proc.stderr

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -145,11 +146,21 @@ def run_job(
     prepare_storage(job)
     run_name = resolve_run_name(job, resume, run_name)
     started = connect(address, job)
+    marker = run_marker(run_name)
     try:
+        # Where this run's Ray is, for `moe-ray scale RUN` from another shell on this machine.
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ray.get_runtime_context().gcs_address)
         return _run(job, run_name, on_progress, poll_s, start, bias_mode, address)
     finally:
+        marker.unlink(missing_ok=True)
         if started:
             ray.shutdown()
+
+
+def run_marker(run_name: str) -> Path:
+    """A file naming the Ray cluster (GCS address) of a run started on this machine."""
+    return Path.home() / ".cache" / "moe-ray" / "runs" / f"{run_name}.address"
 
 
 def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> TorchTrainer:
