@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
@@ -136,8 +135,9 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
             yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
 
 
-def restore(ctx: WorkerContext, model, optimizer) -> tuple[int, np.ndarray | None]:
-    """Load the newest checkpoint that verifies; (next step, bias) or (0, None) for a fresh run."""
+def restore(ctx: WorkerContext, model, optimizer) -> int:
+    """Load the newest checkpoint that verifies into model and optimizer; the next step (0 for a
+    fresh run)."""
     initial = None
     for candidate in _candidate_checkpoints(ctx.job, ctx.run_name):
         if initial is None:  # a checkpoint that fails half-way must not leave half-loaded weights
@@ -151,16 +151,15 @@ def restore(ctx: WorkerContext, model, optimizer) -> tuple[int, np.ndarray | Non
             model.load_state_dict(initial)
             optimizer.state.clear()
             continue
-        bias = model.get_expert_bias().cpu().numpy()
         # Every rank must agree on which checkpoint it resumed from.
         steps = all_gather(state.step)
         if len(set(steps)) != 1:
             raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
-        return state.step, bias
+        return state.step
     steps = all_gather(0)
     if len(set(steps)) != 1:
         raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
-    return 0, None
+    return 0
 
 
 def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metrics: dict, summary: dict) -> None:
@@ -231,9 +230,12 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(job.model, job.balance, job.train.seed, device)
     apply_expert_parallel(model, placement, rank, groups)
     optimizer = build_optimizer(model, job.train)
-    start_step, bias = restore(ctx, model, optimizer)
+    start_step = restore(ctx, model, optimizer)
     generation = None
     if rank == 0:
+        # The bias the model now holds (the checkpoint's, or the initial one of a fresh start):
+        # a group restarted from scratch must not inherit a bias from its failed predecessor.
+        bias = model.get_expert_bias().cpu().numpy()
         generation = ray.get(coordinator.begin.remote(start_step, world, bias))
         ray.get(
             coordinator.record.remote(
