@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, tiny_job
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -70,32 +70,16 @@ def ray_head():
 
 
 def write_job(tmp_path, name, steps, mlflow_uri):
-    spec = {
-        "name": name,
-        "model": {
-            "d_model": 32,
-            "n_heads": 2,
-            "n_layers": 2,
-            "n_dense_layers": 1,
-            "max_seq_len": 64,
-            "moe": {"n_routed_experts": 4, "expert_hidden": 16, "top_k": 2},
-        },
-        "data": {"max_bytes": 1_000_000},
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "seq_len": 32,
-            "warmup_steps": 1,
-            "eval_every": 0,
-            "eval_batches": 1,
-            "log_every": 1,
-        },
-        "resources": {"workers": 1, "cpus_per_worker": 1},
-        "checkpoint": {"storage": str(tmp_path / "runs"), "every": 0},
-        "tracking": {"uri": mlflow_uri, "experiment": "submitted", "log_every": 1},
-    }
+    job = tiny_job(
+        tmp_path / "runs",
+        name=name,
+        train__steps=steps,
+        train__batch_size=4,
+        resources__workers=1,
+        tracking={"uri": mlflow_uri, "experiment": "submitted", "log_every": 1},
+    )
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     return path
 
 
