@@ -124,6 +124,26 @@ def test_scale_refuses_impossible_worker_counts(local_ray):
     ray.kill(coord)
 
 
+def test_a_worker_whose_peer_never_sends_its_counts_fails_instead_of_waiting(local_ray, monkeypatch):
+    from moe_ray.runtime import worker
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+
+    class Model:
+        def get_expert_bias(self):
+            return torch.zeros(2, 8)
+
+    monkeypatch.setattr(worker, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
+    coord = Coordinator.options(name=coordinator_name("silent-peer"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10
+    )
+    generation = ray.get(coord.begin.remote(0, 2, None))
+    rank0 = worker.CoordinatorBias(coord, generation, 0, 2, Model())
+    rank0.submit(0, torch.ones(2, 8, dtype=torch.int64))  # rank 1 never submits
+    with pytest.raises(RuntimeError, match="no bias for step 1 after 1 s: another worker never sent"):
+        rank0.next_bias(0)
+    ray.kill(coord)
+
+
 def test_killed_coordinator_comes_back_with_the_same_bias(job, uninterrupted):
     state = {}
 

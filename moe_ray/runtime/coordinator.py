@@ -67,6 +67,9 @@ class CoordinatorState:
         self.metrics: list[dict] = []  # rank 0's step metrics
         self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints
         self.desired_workers: int | None = None
+        # The worker count asked for when each step's counts were complete: fixed then, so every
+        # worker of that step gets the same answer however late its reply is sent.
+        self.scale_for: dict[int, int | None] = {}
         # Every worker reports the digest of the bias it routed with; all must equal ours.
         self.digests: dict[int, set[str]] = {}
         self.bias_checks = 0
@@ -80,6 +83,7 @@ class CoordinatorState:
             self.bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
         self.bias_version = step
         self.recent = {step: self.bias}
+        self.scale_for.clear()
         self.pending.clear()
         self.digests.clear()
         for ev in self.done.values():
@@ -140,6 +144,8 @@ class CoordinatorState:
             self.bias_version = step + 1
             self.recent[step + 1] = self.bias
             self.recent.pop(step - 3, None)
+            self.scale_for[step + 1] = self.desired_workers
+            self.scale_for.pop(step - 3, None)
             vio = max_violation(total)
             self.load_history.append(
                 {
@@ -154,8 +160,9 @@ class CoordinatorState:
             del self.pending[step]
             self._event(step).set()
 
-    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray]:
-        """The bias for step + 1, once every worker's counts of `step` are in."""
+    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray, int | None]:
+        """The bias for step + 1, once every worker's counts of `step` are in, and the worker count
+        `moe-ray scale` had asked for at that moment (None: no change)."""
         if generation != self.generation:
             raise StaleGeneration(f"generation {generation} is over (now {self.generation})")
         if self.bias_version <= step:
@@ -163,7 +170,7 @@ class CoordinatorState:
             if generation != self.generation:
                 raise StaleGeneration(f"generation {generation} ended while waiting")
         self.done.pop(step, None)
-        return step + 1, self.recent[step + 1].numpy().copy()
+        return step + 1, self.recent[step + 1].numpy().copy(), self.scale_for.get(step + 1)
 
 
 COORDINATOR_NAMESPACE = "moe-ray"
@@ -189,8 +196,7 @@ class Coordinator:
         step + 1 and the worker count asked for by `moe-ray scale` (None: no change). One call
         per worker and step: the reply is the only wait."""
         self.state.submit_counts(generation, step, rank, counts, digest)
-        version, bias = await self.state.get_bias(generation, step)
-        return version, bias, self.state.desired_workers
+        return await self.state.get_bias(generation, step)
 
     async def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
         return self.state.reseed(generation, step, world_size, bias)

@@ -37,6 +37,11 @@ from moe_ray.train.trainer import build_model
 
 log = logging.getLogger("moe_ray.worker")
 
+# Every rank reaches the exchange within one forward pass of the others (the all-to-alls keep
+# them in step), so a reply this late means a rank left the step: fail, and let Ray Train
+# restart the group from its last checkpoint, rather than wait forever.
+COORDINATOR_REPLY_TIMEOUT_S = 600.0
+
 
 def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """(first global sample index, count) of `rank`'s share of a global batch."""
@@ -82,7 +87,12 @@ class CoordinatorBias:
 
     def next_bias(self, step: int) -> torch.Tensor:
         try:
-            version, bias, self.desired_workers = ray.get(self.pending)
+            version, bias, self.desired_workers = ray.get(self.pending, timeout=COORDINATOR_REPLY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"no bias for step {step + 1} after {COORDINATOR_REPLY_TIMEOUT_S:.0f} s: another worker "
+                "never sent its expert counts for this step"
+            ) from None
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, StaleGeneration):
                 raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
@@ -317,8 +327,9 @@ def train_loop_per_worker(config: dict) -> None:
                 coordinator.record.remote(summary)
             save_checkpoint(ctx, model, optimizer, done, metrics | {"val_loss": val_loss}, summary)
             break
-        # `moe-ray scale`: every rank got the same request in the same reply, so all stop here,
-        # after this step, with a checkpoint that the new worker group resumes from.
+        # `moe-ray scale`: the coordinator fixed the answer when this step's counts were complete,
+        # so every rank got the same one and all stop here, after this step, with a checkpoint
+        # that the new worker group resumes from.
         scale_to = bias_source.desired_workers if bias_source.desired_workers not in (None, world) else None
         if (every and done % every == 0) or scale_to:
             save_checkpoint(ctx, model, optimizer, done, metrics, summary)
