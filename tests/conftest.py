@@ -64,6 +64,8 @@ def tiny_job(storage, **overrides) -> JobSpec:
         },
         "resources": {"workers": 2, "cpus_per_worker": 1},
         "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
+        # Beside the runs, not in the working folder: tests never write into the checkout.
+        "tracking": {"uri": f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"},
     }
     for dotted, value in overrides.items():
         node = spec
