@@ -64,7 +64,8 @@ def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
     submission_id = f"moe-ray-{run_name}-{uuid.uuid4().hex[:6]}"
     mlflow_run_id, link = _precreate_mlflow_run(job, run_name, submission_id)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.update(MOE_RAY_SUBMISSION_ID=submission_id, RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+    # Unbuffered: `moe-ray logs --follow` shows each line when it is printed, not per 8 KB block.
+    env.update(MOE_RAY_SUBMISSION_ID=submission_id, RAY_TRAIN_ENABLE_PRINT_PATCH="0", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="moe-ray-submit-") as tmp:
         (Path(tmp) / "job.yaml").write_text(dump_job(job))
         jobs = client(address)

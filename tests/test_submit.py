@@ -112,6 +112,19 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     while "RUNNING" not in cli("status", long_id, "--address", ray_head).stdout:
         assert time.time() < deadline
         time.sleep(1)
+    # `moe-ray scale` by submission id: the run goes on from a step boundary with 2 workers.
+    while "1 workers" not in cli("logs", long_id, "--address", ray_head).stdout:
+        assert time.time() < deadline
+        time.sleep(1)
+    assert f"scale request for {long_id} sent" in cli("scale", long_id, "--workers", "2", "--address", ray_head).stdout
+    deadline = time.time() + 180
+    while not re.search(
+        r"restarted \(scale\) at step \d+ with 2 workers: 0 step",
+        logs := cli("logs", long_id, "--address", ray_head).stdout,
+    ):
+        assert time.time() < deadline, logs[-3000:]
+        time.sleep(2)
+    assert "scale requested: 2 workers" in logs and "2 workers" in logs
     assert "stop requested" in cli("stop", long_id, "--address", ray_head).stdout
     deadline = time.time() + 120
     while "STOPPED" not in cli("status", long_id, "--address", ray_head).stdout:
