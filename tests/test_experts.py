@@ -119,3 +119,38 @@ def test_weighted_swiglu_and_permutation_gradients():
     assert torch.autograd.gradcheck(lambda r: combine_rows(r, order, inv, top_k), (rows,))
     # combine(gather(x)) sums each token's top_k copies: top_k * x.
     torch.testing.assert_close(combine_rows(gather_rows(x, order, inv, top_k), order, inv, top_k), top_k * x)
+
+
+def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice():
+    from moe_ray.model.transformer import MoETransformer
+    from moe_ray.train.trainer import build_model
+
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=16,
+        n_heads=2,
+        n_layers=3,
+        n_dense_layers=1,
+        max_seq_len=16,
+        moe=MoEConfig(n_routed_experts=8, expert_hidden=8, top_k=2),
+        mtp={"depth": 1},
+    )
+    cpu = torch.device("cpu")
+    full = build_model(cfg, BalanceConfig(), 7, cpu)
+    shard = build_model(cfg, BalanceConfig(), 7, cpu, local_experts=range(3, 6))
+    full_params = dict(full.named_parameters())
+    for name, p in shard.named_parameters():
+        if name.endswith(("experts.w13", "experts.w2")):
+            assert p.shape[0] == 3
+            assert torch.equal(p, full_params[name][3:6]), name
+        else:
+            assert torch.equal(p, full_params[name]), name
+    assert [m.experts.first_expert for m in shard.moe_layers()] == [3, 3, 3]
+    # Experts differ from each other and between layers (no seed reuse).
+    w = full.moe_layers()[0].experts.w13
+    assert not torch.equal(w[0], w[1])
+    assert not torch.equal(w, full.moe_layers()[1].experts.w13)
+    # The meta device builds the full shape without memory (parameter counts of a huge model).
+    with torch.device("meta"):
+        huge = MoETransformer(cfg.model_copy(update={"d_model": 4096, "n_heads": 32}))
+    assert huge.parameter_counts()["total"] > full.parameter_counts()["total"]

@@ -62,7 +62,9 @@ def _worker(rank, world, port, ep_size, hot, out_dir):
     try:
         placement = ExpertPlacement(8, ep_size, tuple([0] * world))
         groups = build_groups(placement, rank)
-        model = build_model(model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), seed=0, device=torch.device("cpu"))
+        model = build_model(
+            model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cpu"), placement.local_experts(rank)
+        )
         if hot is not None:
             force_bias(model, hot)
         apply_expert_parallel(model, placement, rank, groups)

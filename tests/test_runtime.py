@@ -76,7 +76,8 @@ def test_bias_identical_on_all_ranks_and_follows_the_rule(ep2_run, job):
 
 def shard_for(job, world, rank):
     placement = ExpertPlacement(job.model.moe.n_routed_experts, world, tuple([0] * world))
-    model = build_model(job.model, job.balance, 123, torch.device("cpu"))  # other seed: all must come from disk
+    # Another seed: every weight must come from disk.
+    model = build_model(job.model, job.balance, 123, torch.device("cpu"), placement.local_experts(rank))
     apply_expert_parallel(model, placement, rank, ParallelGroups(ep=None, replicas=None))
     opt = build_optimizer(model, job.train)
     ckpt.load(job_storage(job) / "ep2" / "step-00000003", model, opt)

@@ -97,6 +97,20 @@ def weighted_swiglu(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _WeightedSwiGLU.apply(h, w.to(h.dtype))
 
 
+@torch.no_grad()
+def init_per_expert(weight: torch.Tensor, first_expert: int, std: float) -> None:
+    """Normal(0, std) init of stacked expert weights, each expert's slice from its own generator
+    keyed by its GLOBAL id. A shard holding experts [a, b) gets exactly the slices that a model
+    holding all experts gets, and draws the same one number from the global RNG, so the init of
+    every other parameter does not depend on which experts a process holds."""
+    seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    if weight.is_meta:
+        return
+    for i in range(weight.shape[0]):
+        g = torch.Generator().manual_seed(seed + first_expert + i)
+        weight[i].copy_(torch.randn(weight.shape[1:], generator=g).mul_(std))
+
+
 class GroupedExperts(nn.Module):
     """A shard of the routed experts of one layer, as stacked weights.
 
@@ -116,8 +130,8 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = True
         self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
-        nn.init.normal_(self.w13, std=0.02)
-        nn.init.normal_(self.w2, std=0.02)
+        init_per_expert(self.w13, first_expert, 0.02)
+        init_per_expert(self.w2, first_expert, 0.02)
 
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None

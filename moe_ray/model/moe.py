@@ -50,15 +50,17 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig):
+    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, local_experts: range | None = None):
+        """`local_experts`: the global ids of the routed experts this process holds (default all)."""
         super().__init__()
         moe = cfg.moe
+        local = range(moe.n_routed_experts) if local_experts is None else local_experts
         self.balance = balance
         self.top_k = moe.top_k
         self.n_experts = moe.n_routed_experts
         self.router = Router(cfg.d_model, moe)
         self.shared = SwiGLU(cfg.d_model, moe.n_shared_experts * moe.expert_hidden) if moe.n_shared_experts else None
-        self.experts = GroupedExperts(cfg.d_model, moe.expert_hidden, moe.n_routed_experts)
+        self.experts = GroupedExperts(cfg.d_model, moe.expert_hidden, len(local), first_expert=local.start)
         self.dispatcher: TokenDispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:

@@ -11,17 +11,17 @@ from torch import nn
 
 from moe_ray.config import BalanceConfig, ModelConfig
 from moe_ray.model.attention import Attention
-from moe_ray.model.experts import GroupedExperts, SwiGLU
+from moe_ray.model.experts import GroupedExperts, SwiGLU, init_per_expert
 from moe_ray.model.moe import MoELayer, MoEStats
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: range | None = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.rope_theta)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = MoELayer(cfg, balance) if moe else SwiGLU(cfg.d_model, cfg.resolved_dense_hidden)
+        self.ffn = MoELayer(cfg, balance, local_experts) if moe else SwiGLU(cfg.d_model, cfg.resolved_dense_hidden)
 
     def forward(self, x: torch.Tensor, kv_cache: dict | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.attn(self.attn_norm(x), kv_cache)
@@ -35,12 +35,12 @@ class MTPModule(nn.Module):
     """Depth-k MTP: h'_i = W_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], one block, and the
     shared output head predicts t_{i+k+1}."""
 
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: range | None = None):
         super().__init__()
         self.hidden_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.embed_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, balance, moe=moe)
+        self.block = Block(cfg, balance, moe, local_experts)
         self.out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
@@ -59,16 +59,20 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig | None = None):
+    def __init__(self, cfg: ModelConfig, balance: BalanceConfig | None = None, local_experts: range | None = None):
+        """`local_experts`: build only these routed experts (by global id) in every MoE layer, as
+        an expert-parallel worker does; their weights equal those of the full model's."""
         super().__init__()
         self.cfg = cfg
         balance = balance or BalanceConfig()
         has_moe = cfg.n_layers > cfg.n_dense_layers
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, balance, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg, balance, i >= cfg.n_dense_layers, local_experts) for i in range(cfg.n_layers)
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, balance, moe=has_moe) for _ in range(cfg.mtp.depth))
+        self.mtp = nn.ModuleList(MTPModule(cfg, balance, has_moe, local_experts) for _ in range(cfg.mtp.depth))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -80,7 +84,11 @@ class MoETransformer(nn.Module):
             if p.dim() < 2:
                 continue  # norms keep their ones
             is_output = name.endswith(("attn.out.weight", "ffn.w2.weight", "shared.w2.weight", "experts.w2"))
-            nn.init.normal_(p, std=out_std if is_output else std)
+            p_std = out_std if is_output else std
+            if name.endswith(("experts.w13", "experts.w2")):
+                init_per_expert(p, self.get_submodule(name.rsplit(".", 1)[0]).first_expert, p_std)
+            else:
+                nn.init.normal_(p, std=p_std)
 
     # --- the stable API for balance state -------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:

@@ -237,7 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
     groups = build_groups(placement, rank)
     ctx = WorkerContext(job, run_name, rank, world, device, placement)
 
-    model = build_model(job.model, job.balance, job.train.seed, device)
+    model = build_model(job.model, job.balance, job.train.seed, device, placement.local_experts(rank))
     apply_expert_parallel(model, placement, rank, groups)
     optimizer = build_optimizer(model, job.train)
     start_step = restore(ctx, model, optimizer)

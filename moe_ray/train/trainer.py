@@ -20,10 +20,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(model_cfg: ModelConfig, balance: BalanceConfig, seed: int, device: torch.device) -> MoETransformer:
-    """Seeded construction: the same seed gives the same weights on every process."""
+def build_model(
+    model_cfg: ModelConfig,
+    balance: BalanceConfig,
+    seed: int,
+    device: torch.device,
+    local_experts: range | None = None,
+) -> MoETransformer:
+    """Seeded construction: the same seed gives the same weights on every process, and an
+    expert-parallel shard (`local_experts`) the same weights as those experts of the full model."""
     torch.manual_seed(seed)
-    return MoETransformer(model_cfg, balance).to(device)
+    return MoETransformer(model_cfg, balance, local_experts).to(device)
 
 
 @dataclass
