@@ -36,8 +36,13 @@ def _load(job_file: str, overrides: list[str] | None):
 @app.command()
 def validate(job_file: str, set_: SetOpt = None) -> None:
     """Check a job file; print the resolved job, or every problem with its dotted path."""
+    from moe_ray.sizing import job_size
+
     job = _load(job_file, set_)
     typer.echo(dump_job(job), nl=False)
+    # As YAML comments: the output stays a valid job file.
+    for line in job_size(job).lines():
+        typer.echo(f"# {line}")
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Every job file in jobs/ validates, and the job-spec rules hold."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,36 @@ def test_cross_field_problems_named_by_path(override, path):
     with pytest.raises(JobSpecError) as err:
         load_job(next(p for p in JOBS if p.stem == "quickstart"), [override])
     assert path in [p for p, _ in err.value.problems], err.value.problems
+
+
+@pytest.mark.parametrize("workers,ep_size", [(2, None), (3, None), (4, 2)])
+def test_size_per_worker_equals_the_parameters_a_worker_builds(workers, ep_size, tmp_path):
+    import torch
+    from conftest import tiny_job
+
+    from moe_ray.parallel.placement import ExpertPlacement
+    from moe_ray.sizing import job_size
+    from moe_ray.train.trainer import build_model
+
+    job = tiny_job(tmp_path, resources__workers=workers, resources__ep_size=ep_size)
+    size = job_size(job)
+    placement = ExpertPlacement(job.model.moe.n_routed_experts, job.ep_size_for(workers), tuple([0] * workers))
+    built = [
+        sum(p.numel() for p in build_model(job.model, job.balance, 0, torch.device("cpu"), local).parameters())
+        for local in map(placement.local_experts, range(workers))
+    ]
+    assert size.worker_params == max(built)  # the rank with the largest block
+    full = build_model(job.model, job.balance, 0, torch.device("cpu"))
+    assert size.total_params == sum(p.numel() for p in full.parameters())
+
+
+def test_validate_sizes_the_v3_job_and_warns_that_it_does_not_fit():
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+
+    out = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "deepseek-v3"))]).output
+    assert re.search(r"# parameters: 6[6-9]\d billion total, \d+(\.\d+)? billion active per token", out)
+    assert re.search(r"# warning: \d+ GiB per worker does not fit an 80 GB GPU", out)
+    quick = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "quickstart"))]).output
+    assert "# per worker at 2 worker(s)" in quick and "warning" not in quick
