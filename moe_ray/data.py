@@ -7,6 +7,8 @@ them, so a restart at step t with any number of workers sees the same data.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from moe_ray.system import cache_dir
 
 BYTE_VOCAB = 256
 VAL_EVERY_NTH_FILE = 20  # every 20th file of the sorted list is validation text
@@ -38,9 +42,32 @@ def stdlib_files() -> list[Path]:
 def builtin_corpus(max_bytes: int = 64 * 2**20) -> TokenSplits:
     """The built-in corpus as byte tokens: no download, so the quickstart works offline.
 
-    Whole files go to one split (every VAL_EVERY_NTH_FILE-th file to validation) so that no
-    validation text is also seen in training.
+    Reading ~2,000 files takes seconds, so the result is kept in the cache folder, keyed by the
+    interpreter's version and standard-library path (its text never changes) and `max_bytes`.
     """
+    stdlib = sysconfig.get_paths()["stdlib"]
+    version = ".".join(map(str, sys.version_info[:3]))
+    key = hashlib.sha256(f"{stdlib}|{version}|{max_bytes}|{VAL_EVERY_NTH_FILE}".encode()).hexdigest()[:16]
+    path = cache_dir() / "corpus" / f"stdlib-{version}-{key}.npz"
+    try:
+        with np.load(path) as f:
+            return TokenSplits(f["train"], f["val"], str(f["description"]))
+    except (OSError, ValueError, KeyError):
+        pass  # absent or unreadable: build it again
+    splits = read_builtin_corpus(max_bytes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, train=splits.train, val=splits.val, description=splits.description)
+        tmp.replace(path)  # atomic: a reader sees the old file or the whole new one
+    except OSError:
+        pass  # a read-only home: no cache, same corpus
+    return splits
+
+
+def read_builtin_corpus(max_bytes: int) -> TokenSplits:
+    """Read the corpus from the standard library's files. Whole files go to one split (every
+    VAL_EVERY_NTH_FILE-th file to validation) so that no validation text is also seen in training."""
     train, val = bytearray(), bytearray()
     for i, path in enumerate(stdlib_files()):
         if len(train) + len(val) >= max_bytes:

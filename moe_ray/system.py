@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+
+def cache_dir() -> Path:
+    """moe-ray's per-user cache: run markers, the built-in corpus. `MOE_RAY_CACHE` moves it."""
+    return Path(os.environ.get("MOE_RAY_CACHE") or Path.home() / ".cache" / "moe-ray")
 
 
 def tune_cpu_allocator() -> bool:

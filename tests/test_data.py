@@ -38,3 +38,23 @@ def test_eval_windows_fixed_and_byte_round_trip():
     w1, w2 = eval_windows(tokens, 17, 4, 3), eval_windows(tokens, 17, 4, 3)
     assert len(w1) == 3 and all(torch.equal(x, y) for x, y in zip(w1, w2, strict=True))
     assert decode_bytes(encode_bytes("héllo")) == "héllo"
+
+
+def test_builtin_corpus_cache_gives_the_read_corpus_and_survives_a_bad_file(tmp_path, monkeypatch):
+    from moe_ray.data import read_builtin_corpus
+
+    monkeypatch.setenv("MOE_RAY_CACHE", str(tmp_path))
+    builtin_corpus.cache_clear()
+    read = read_builtin_corpus(1_000_000)
+    first = builtin_corpus(1_000_000)  # builds and writes the cache
+    [cached] = (tmp_path / "corpus").glob("*.npz")
+    builtin_corpus.cache_clear()
+    again = builtin_corpus(1_000_000)  # from the file
+    for got in (first, again):
+        assert np.array_equal(got.train, read.train) and np.array_equal(got.val, read.val)
+        assert got.description == read.description
+    cached.write_bytes(b"not an npz")
+    builtin_corpus.cache_clear()
+    assert np.array_equal(builtin_corpus(1_000_000).train, read.train)  # rebuilt
+    assert np.load(cached)["train"].shape == read.train.shape  # and the file repaired
+    builtin_corpus.cache_clear()

@@ -24,6 +24,7 @@ from moe_ray.spec import JobSpec, WorkerRange, default_run_name
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location
 from moe_ray.storage.location import Location
+from moe_ray.system import cache_dir
 
 log = logging.getLogger("moe_ray.driver")
 
@@ -160,7 +161,7 @@ def run_job(
 
 def run_marker(run_name: str) -> Path:
     """A file naming the Ray cluster (GCS address) of a run started on this machine."""
-    return Path.home() / ".cache" / "moe-ray" / "runs" / f"{run_name}.address"
+    return cache_dir() / "runs" / f"{run_name}.address"
 
 
 def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> TorchTrainer:
