@@ -19,13 +19,19 @@ def counts(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 20, size=(LAYERS, EXPERTS))
 
 
+async def rank0_waits_for_rank1() -> tuple[CoordinatorState, int, asyncio.Task]:
+    """A 2-worker group at step 0 whose rank 0 has sent its counts and waits for its bias."""
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    gen = state.begin(0, 2, None)
+    state.submit_counts(gen, 0, 0, counts(0))
+    waiting = asyncio.create_task(state.get_bias(gen, 0))
+    await asyncio.sleep(0)
+    return state, gen, waiting
+
+
 def test_a_scale_request_between_two_replies_reaches_both_workers_at_the_same_step():
     async def scenario():
-        state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
-        gen = state.begin(0, 2, None)
-        state.submit_counts(gen, 0, 0, counts(0))
-        first = asyncio.create_task(state.get_bias(gen, 0))
-        await asyncio.sleep(0)  # rank 0 now waits for rank 1's counts
+        state, gen, first = await rank0_waits_for_rank1()
         state.submit_counts(gen, 0, 1, counts(1))
         second = await state.get_bias(gen, 0)  # rank 1's reply goes out at once
         state.desired_workers = 1  # `moe-ray scale` lands before rank 0's reply is sent
@@ -62,11 +68,7 @@ def test_bias_follows_the_rule_on_the_summed_counts():
 
 def test_a_new_worker_group_releases_and_refuses_the_old_one():
     async def scenario():
-        state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
-        old = state.begin(0, 2, None)
-        state.submit_counts(old, 0, 0, counts(0))
-        waiting = asyncio.create_task(state.get_bias(old, 0))
-        await asyncio.sleep(0)
+        state, _, waiting = await rank0_waits_for_rank1()
         state.begin(0, 1, None)  # the group was torn down and a new one started
         with pytest.raises(StaleGeneration):
             await waiting

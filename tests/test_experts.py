@@ -121,20 +121,13 @@ def test_weighted_swiglu_and_permutation_gradients():
     torch.testing.assert_close(combine_rows(gather_rows(x, order, inv, top_k), order, inv, top_k), top_k * x)
 
 
-def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice():
+def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice(tmp_path):
+    from conftest import tiny_job
+
     from moe_ray.model.transformer import MoETransformer
     from moe_ray.train.trainer import build_model
 
-    cfg = ModelConfig(
-        vocab_size=64,
-        d_model=16,
-        n_heads=2,
-        n_layers=3,
-        n_dense_layers=1,
-        max_seq_len=16,
-        moe=MoEConfig(n_routed_experts=8, expert_hidden=8, top_k=2),
-        mtp={"depth": 1},
-    )
+    cfg = tiny_job(tmp_path).model  # 3 layers (2 MoE + 1 MTP MoE block), 8 experts
     cpu = torch.device("cpu")
     full = build_model(cfg, BalanceConfig(), 7, cpu)
     shard = build_model(cfg, BalanceConfig(), 7, cpu, local_experts=range(3, 6))
