@@ -31,13 +31,18 @@ from moe_ray.train.trainer import Trainer  # noqa: E402
 
 BENCH = "balance_study"
 ROOT = Path(__file__).resolve().parent.parent
+# Variant -> the job file whose `balance` section it uses: the same settings run on Ray as jobs.
 VARIANTS = {
-    "loss_free": dict(method="loss_free"),
-    "aux_0.001": dict(method="aux_loss", aux_loss_alpha=0.001),
-    "aux_0.01": dict(method="aux_loss", aux_loss_alpha=0.01),
-    "none": dict(method="none"),
-    "loss_free+seq_1e-4": dict(method="loss_free", seq_aux_alpha=1e-4),
+    "loss_free": "balance-loss-free",
+    "aux_0.001": "balance-aux-loss-0.001",
+    "aux_0.01": "balance-aux-loss",
+    "none": "balance-none",
+    "loss_free+seq_1e-4": "balance-loss-free-seq",
 }
+
+
+def variant_balance(job_name: str) -> BalanceConfig:
+    return load_job(ROOT / "jobs" / f"{job_name}.yaml").balance
 
 
 def settings(args) -> list[str]:
@@ -60,9 +65,8 @@ def settings(args) -> list[str]:
     return [f"train.steps={steps}", f"train.eval_every={max(1, steps // 4)}", "train.eval_batches=8"]
 
 
-def run_variant(job, balance: dict, data) -> dict:
-    cfg = BalanceConfig.model_validate(job.balance.model_dump() | {"seq_aux_alpha": 0.0} | balance)
-    trainer = Trainer(job.model, cfg, job.train, data, torch.device("cpu"))
+def run_variant(job, balance: BalanceConfig, data) -> dict:
+    trainer = Trainer(job.model, balance, job.train, data, torch.device("cpu"))
     summary = trainer.fit()
     return {
         "val_loss": summary.val.loss,
@@ -117,8 +121,8 @@ def main() -> None:
     data = builtin_corpus(job.data.max_bytes)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, balance in VARIANTS.items():
-        r = results[name] = run_variant(job, balance, data)
+    for name, job_name in VARIANTS.items():
+        r = results[name] = run_variant(job, variant_balance(job_name), data)
         vio = r["max_vio_global"]
         emit(BENCH, "val_loss", round(r["val_loss"], 4), variant=name, steps=job.train.steps)
         emit(BENCH, "max_vio_global", round(float(np.mean(vio)), 4), variant=name, per_layer=[round(v, 3) for v in vio])

@@ -24,12 +24,16 @@ def test_deepseek_v3_job_has_the_v3_shape():
     assert (moe.n_group, moe.topk_group, moe.max_nodes_per_token, moe.routed_scaling_factor) == (8, 4, 4, 2.5)
 
 
-def test_balance_pair_differs_only_in_balancing():
-    a = load_job(next(p for p in JOBS if p.stem == "balance-loss-free")).model_dump()
-    b = load_job(next(p for p in JOBS if p.stem == "balance-aux-loss")).model_dump()
-    diff = {k for k in a if a[k] != b[k]}
-    assert diff == {"name", "balance"}
-    assert (a["balance"]["method"], b["balance"]["method"]) == ("loss_free", "aux_loss")
+def test_the_balance_study_jobs_are_the_quickstart_differing_only_in_balancing():
+    quick = load_job(next(p for p in JOBS if p.stem == "quickstart")).model_dump()
+    study = {p.stem: load_job(p).model_dump() for p in JOBS if p.stem.startswith("balance-")}
+    assert len(study) == 5
+    for job in study.values():
+        assert {k for k in quick if quick[k] != job[k]} <= {"name", "balance", "tracking"}
+        assert job["tracking"]["experiment"] == "balance-comparison"
+    balances = [job["balance"] for job in study.values()]
+    assert all(a != b for i, a in enumerate(balances) for b in balances[i + 1 :])
+    assert {b["method"] for b in balances} == {"loss_free", "aux_loss", "none"}
 
 
 def test_env_interpolation_and_overrides(tmp_path, monkeypatch):
