@@ -143,3 +143,36 @@ def test_failed_checkpoint_upload_is_never_restored_and_training_goes_on(s3_ray,
     assert [m["step"] for m in result.progress.metrics] == list(range(6))
     ckpts = list_checkpoints(run_location(job.checkpoint.storage, "s3fault"))
     assert [(c.step, c.complete) for c in ckpts if c.step in (4, 6)] == [(4, True), (6, True)]
+
+
+def test_a_worker_downloads_only_its_own_experts_files(s3_run):
+    import torch
+
+    from moe_ray.train.trainer import build_model
+
+    job, _ = s3_run
+    path, fs = run_location(job.checkpoint.storage, "s3run").ray_storage()
+    step4 = f"{path}/step-00000004"
+    shard = build_model(job.model, job.balance, 1, torch.device("cpu"), range(0, 4))
+    with ckpt.fetch(step4, fs, shard) as (folder, sizes):
+        got = sorted(p.name for p in folder.iterdir())
+        ckpt.load(folder, shard, None, sizes)
+    assert got == sorted([ckpt.INDEX, ckpt.STATE, ckpt.DENSE, "experts-00000-00003.safetensors"])
+    # The same experts as a full download gives.
+    full = build_model(job.model, job.balance, 2, torch.device("cpu"))
+    with ckpt.local_checkpoint(f"s3://{BUCKET}/runs/s3run/step-00000004") as folder:
+        ckpt.load(folder, full, None)
+    for a, b in zip(shard.moe_layers(), full.moe_layers(), strict=True):
+        assert torch.equal(a.experts.w13, b.experts.w13[0:4]) and torch.equal(a.experts.w2, b.experts.w2[0:4])
+    # Another rank's file gone from storage: refused (the checkpoint is incomplete), nothing loaded.
+    client = boto3.client("s3")
+    for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
+        if "/step-00000004/" in o["Key"] and "experts-00004" not in o["Key"]:
+            body = client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+            client.put_object(Bucket=BUCKET, Key=o["Key"].replace("runs/s3run/", "runs/s3partial/"), Body=body)
+    partial = f"{path.rsplit('/', 1)[0]}/s3partial/step-00000004"
+    with pytest.raises(
+        ckpt.CheckpointError, match="experts-00004-00007.safetensors is listed in the index but missing"
+    ):
+        with ckpt.fetch(partial, fs, shard):
+            pass

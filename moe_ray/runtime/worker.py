@@ -153,9 +153,10 @@ def restore(ctx: WorkerContext, model, optimizer) -> int:
         if initial is None:  # a checkpoint that fails half-way must not leave half-loaded weights
             initial = {k: v.clone() for k, v in model.state_dict().items()}
         try:
-            with candidate.as_directory() as folder:
-                state = ckpt.load(Path(folder), model, optimizer)
-                torch.set_rng_state(ckpt.load_rng(Path(folder)))
+            # Only this rank's experts' files are downloaded from remote storage.
+            with ckpt.fetch(candidate.path, candidate.filesystem, model) as (folder, sizes):
+                state = ckpt.load(folder, model, optimizer, sizes)
+                torch.set_rng_state(ckpt.load_rng(folder))
         except (ckpt.CheckpointError, OSError) as err:
             log.warning("skipping checkpoint %s: %s", candidate.path, err)
             model.load_state_dict(initial)

@@ -129,20 +129,31 @@ def read_index(folder: Path) -> dict:
     return index
 
 
-def verify(folder: Path, hash_files: set[str] | None = None) -> dict:
-    """Check that every indexed file is present with its size, and (for `hash_files`, default
-    all) its sha256. Returns the index. Raises CheckpointError naming the first bad file."""
+def check_sizes(where: str, index: dict, sizes: dict[str, int | None]) -> None:
+    """Every indexed file is present (`sizes[name]` not None) with the size the index says."""
+    for entry in index["files"]:
+        size = sizes.get(entry["name"])
+        if size is None:
+            raise CheckpointError(f"{where}: {entry['name']} is listed in the index but missing")
+        if size != entry["size"]:
+            raise CheckpointError(f"{where}: {entry['name']} has {size} bytes, the index says {entry['size']}")
+
+
+def local_sizes(folder: Path, index: dict) -> dict[str, int | None]:
+    paths = {e["name"]: Path(folder) / e["name"] for e in index["files"]}
+    return {name: p.stat().st_size if p.is_file() else None for name, p in paths.items()}
+
+
+def verify(folder: Path, hash_files: set[str] | None = None, sizes: dict[str, int | None] | None = None) -> dict:
+    """Check that every indexed file is present with its size (`sizes`: as listed where the
+    checkpoint is stored; default: in `folder`), and that `hash_files` (default all) in `folder`
+    match their sha256. Returns the index. Raises CheckpointError naming the first bad file."""
     folder = Path(folder)
     index = read_index(folder)
+    check_sizes(str(folder), index, sizes if sizes is not None else local_sizes(folder, index))
     for entry in index["files"]:
-        path = folder / entry["name"]
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {entry['name']} is listed in the index but missing")
-        if path.stat().st_size != entry["size"]:
-            raise CheckpointError(
-                f"{folder}: {entry['name']} has {path.stat().st_size} bytes, the index says {entry['size']}"
-            )
-        if (hash_files is None or entry["name"] in hash_files) and sha256_file(path) != entry["sha256"]:
+        checked = hash_files is None or entry["name"] in hash_files
+        if checked and sha256_file(folder / entry["name"]) != entry["sha256"]:
             raise CheckpointError(f"{folder}: {entry['name']} does not match its sha256 in the index")
     return index
 
@@ -156,21 +167,33 @@ def _set_adam_state(optimizer, param, step: int, values: dict[str, torch.Tensor]
         state[s] = v.to(param.device, param.dtype)
 
 
-def load(folder: Path, model: MoETransformer, optimizer: torch.optim.Optimizer | None) -> TrainingState:
-    """Load a verified checkpoint into `model` (any expert placement) and `optimizer`."""
-    folder = Path(folder)
-    index = read_index(folder)
-    names = {e["name"] for e in index["files"]}
+def files_needed(index: dict, model: MoETransformer) -> list[str]:
+    """The files a model reads: dense and training state, and the expert files whose id range
+    (in the file name) overlaps the experts the model holds."""
     experts = _expert_modules(model)
-    # Which expert files hold this rank's experts: ranges are in the file names.
-    wanted = []
-    for name in sorted(names):
+    wanted = [DENSE, STATE]
+    for name in sorted(e["name"] for e in index["files"]):
         m = re.match(r"^experts-(\d+)-(\d+)\.safetensors$", name)
         if m and any(
             int(m[1]) <= ex.first_expert + ex.n_experts - 1 and ex.first_expert <= int(m[2]) for ex in experts
         ):
             wanted.append(name)
-    verify(folder, hash_files={DENSE, STATE, *wanted})
+    return wanted
+
+
+def load(
+    folder: Path,
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer | None,
+    sizes: dict[str, int | None] | None = None,
+) -> TrainingState:
+    """Load a verified checkpoint into `model` (any expert placement) and `optimizer`. `folder`
+    needs only `files_needed`; `sizes` (from `fetch`) are the stored files' sizes."""
+    folder = Path(folder)
+    index = read_index(folder)
+    experts = _expert_modules(model)
+    wanted = files_needed(index, model)[2:]
+    verify(folder, hash_files={DENSE, STATE, *wanted}, sizes=sizes)
     state = json.loads((folder / STATE).read_text())
     step = int(state["step"])
 
@@ -245,6 +268,35 @@ def local_checkpoint(uri: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
         copy_files(path, tmp, source_filesystem=fs)
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def fetch(path: str, filesystem, model: MoETransformer) -> Iterator[tuple[Path, dict[str, int | None]]]:
+    """(a local folder with the files `model` needs of the checkpoint at `path` on a pyarrow
+    `filesystem`, the stored size of every indexed file). A local checkpoint is read in place; a
+    remote one is only partly downloaded: a worker fetches its own experts' files, not all."""
+    from pyarrow import fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        index = read_index(Path(path))
+        yield Path(path), local_sizes(Path(path), index)
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
+        dest = Path(tmp)
+        try:
+            pafs.copy_files(f"{path}/{INDEX}", str(dest / INDEX), source_filesystem=filesystem)
+        except (OSError, FileNotFoundError):
+            raise CheckpointError(f"{path} has no {INDEX}: the checkpoint was never completed") from None
+        index = read_index(dest)
+        infos = filesystem.get_file_info([f"{path}/{e['name']}" for e in index["files"]])
+        sizes = {
+            e["name"]: info.size if info.type == pafs.FileType.File else None
+            for e, info in zip(index["files"], infos, strict=True)
+        }
+        check_sizes(path, index, sizes)  # before downloading anything large
+        for name in files_needed(index, model):
+            pafs.copy_files(f"{path}/{name}", str(dest / name), source_filesystem=filesystem)
+        yield dest, sizes
 
 
 def load_rng(folder: Path) -> torch.Tensor:
