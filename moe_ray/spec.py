@@ -89,33 +89,57 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
-        res, moe = self.resources, self.model.moe
-        workers = res.max_workers
-        problems = []
-        if isinstance(res.workers, WorkerRange) and res.ep_size:
-            problems.append("resources.ep_size must be unset with a worker range: every worker count is then pure EP")
-        elif res.ep_size and workers % res.ep_size:
-            problems.append(f"resources.ep_size={res.ep_size} must divide resources.workers={workers}")
-        if (res.ep_size or workers) > moe.n_routed_experts:
-            problems.append(
-                f"resources.workers={workers} exceeds model.moe.n_routed_experts={moe.n_routed_experts}: "
-                "every expert-parallel worker must hold at least one expert (set resources.ep_size for DP)"
-            )
-        if self.train.batch_size < workers:
-            problems.append(
-                f"train.batch_size={self.train.batch_size} is smaller than resources.workers={workers}: "
-                "every worker needs at least one sequence per step"
-            )
-        if self.train.seq_len > self.model.max_seq_len:
-            problems.append(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.data.tokenizer == "bytes" and self.model.vocab_size < 256:
-            problems.append(f"byte-level tokens need model.vocab_size >= 256, got {self.model.vocab_size}")
+        problems = cross_section_problems({name: getattr(self, name) for name in type(self).model_fields})
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def ep_size_for(self, world_size: int) -> int:
         return self.resources.ep_size or world_size
+
+
+def cross_section_problems(sections: dict[str, Any]) -> list[str]:
+    """Checks between sections. A section missing from `sections` (it did not validate on its
+    own) skips the checks that need it, so the others still run and are reported together."""
+    res, model, train, data = (sections.get(k) for k in ("resources", "model", "train", "data"))
+    problems = []
+    if res is not None:
+        if isinstance(res.workers, WorkerRange) and res.ep_size:
+            problems.append("resources.ep_size must be unset with a worker range: every worker count is then pure EP")
+        elif res.ep_size and res.max_workers % res.ep_size:
+            problems.append(f"resources.ep_size={res.ep_size} must divide resources.workers={res.max_workers}")
+    if res is not None and model is not None and (res.ep_size or res.max_workers) > model.moe.n_routed_experts:
+        problems.append(
+            f"resources.workers={res.max_workers} exceeds model.moe.n_routed_experts={model.moe.n_routed_experts}: "
+            "every expert-parallel worker must hold at least one expert (set resources.ep_size for DP)"
+        )
+    if res is not None and train is not None and train.batch_size < res.max_workers:
+        problems.append(
+            f"train.batch_size={train.batch_size} is smaller than resources.workers={res.max_workers}: "
+            "every worker needs at least one sequence per step"
+        )
+    if train is not None and model is not None and train.seq_len > model.max_seq_len:
+        problems.append(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if data is not None and model is not None and data.tokenizer == "bytes" and model.vocab_size < 256:
+        problems.append(f"byte-level tokens need model.vocab_size >= 256, got {model.vocab_size}")
+    return problems
+
+
+def _valid_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """The job's sections that validate on their own (absent ones take their defaults)."""
+    out = {}
+    for name, field in JobSpec.model_fields.items():
+        kind = field.annotation
+        if not (isinstance(kind, type) and issubclass(kind, Strict)):
+            continue
+        try:
+            if name in data:
+                out[name] = kind.model_validate(data[name])
+            else:
+                out[name] = field.get_default(call_default_factory=True)
+        except ValidationError:
+            pass
+    return out
 
 
 class JobSpecError(Exception):
@@ -128,15 +152,22 @@ class JobSpecError(Exception):
         super().__init__("\n".join(lines))
 
 
+def _problems_of_cross_checks(messages: list[str]) -> list[tuple[str, str]]:
+    """One entry per cross-section problem, under the dotted path it starts with."""
+    out = []
+    for part in messages:
+        m = re.match(r"^(?:the expert-parallel size \d+ must divide )?([a-z_]+(?:\.[a-z_]+)+)", part)
+        out.append((m[1] if m else "(job)", part))
+    return out
+
+
 def _problems(err: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(job)"
         msg = e["msg"].removeprefix("Value error, ")
-        if path == "(job)":  # cross-field checks: one entry per problem, under its own path
-            for part in msg.split("; "):
-                m = re.match(r"^(?:the expert-parallel size \d+ must divide )?([a-z_]+(?:\.[a-z_]+)+)", part)
-                out.append((m[1] if m else path, part))
+        if path == "(job)":
+            out += _problems_of_cross_checks(msg.split("; "))
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see jobs/ for the allowed keys)"
@@ -152,7 +183,10 @@ def parse_job(data: dict[str, Any], source: str = "job") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise JobSpecError(source, _problems(err)) from None
+        problems = _problems(err)
+        if any(e["loc"] for e in err.errors()):  # a section failed, so the job-level checks never ran
+            problems += _problems_of_cross_checks(cross_section_problems(_valid_sections(data)))
+        raise JobSpecError(source, problems) from None
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:

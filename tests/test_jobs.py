@@ -79,6 +79,20 @@ def test_cross_field_problems_named_by_path(override, path):
     assert path in [p for p, _ in err.value.problems], err.value.problems
 
 
+def test_a_section_error_and_a_cross_section_error_are_reported_together():
+    quickstart = next(p for p in JOBS if p.stem == "quickstart")
+    overrides = ["model.n_heads=5", "resources.workers=3", "resources.ep_size=2", "train.seq_len=100000"]
+    with pytest.raises(JobSpecError) as err:
+        load_job(quickstart, overrides)
+    paths = [p for p, _ in err.value.problems]
+    # model is invalid, so the checks that need it are skipped; the resources/train ones still run.
+    assert paths == ["model", "resources.ep_size"], err.value.problems
+    # With the model fixed, the check between train and model runs too.
+    with pytest.raises(JobSpecError) as err:
+        load_job(quickstart, overrides[1:])
+    assert [p for p, _ in err.value.problems] == ["resources.ep_size", "train.seq_len"]
+
+
 @pytest.mark.parametrize("workers,ep_size", [(2, None), (3, None), (4, 2)])
 def test_size_per_worker_equals_the_parameters_a_worker_builds(workers, ep_size, tmp_path):
     import torch
