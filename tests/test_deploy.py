@@ -38,6 +38,42 @@ def test_launcher_config_validates_against_rays_schema():
     assert [p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]] == [22]
 
 
+def _blocks(tf: dict, kind: str) -> dict[str, dict]:
+    """Terraform blocks of one kind by name ("type.name" for resources and data), quotes stripped."""
+    out = {}
+    for entry in tf.get(kind, []):
+        for key, body in entry.items():
+            if kind in ("resource", "data"):
+                for name, inner in body.items():
+                    out[f"{key.strip(chr(34))}.{name.strip(chr(34))}"] = inner
+            else:
+                out[key.strip('"')] = body
+    return out
+
+
+def test_terraform_parses_and_every_reference_resolves():
+    import hcl2
+
+    text = (ROOT / "infra" / "terraform" / "main.tf").read_text()
+    tf = hcl2.loads(text)  # a syntax error fails here
+    variables, resources, data = _blocks(tf, "variable"), _blocks(tf, "resource"), _blocks(tf, "data")
+    assert set(re.findall(r"\bvar\.(\w+)", text)) <= set(variables)
+    assert {f"{t}.{n}" for t, n in re.findall(r"\bdata\.(\w+)\.(\w+)", text)} <= set(data)
+    assert {f"{t}.{n}" for t, n in re.findall(r"(?<![.\w])(aws_\w+)\.(\w+)\.\w", text)} <= set(resources)
+    # The bucket is private and encrypted; interrupted uploads are aborted; expiring runs/ is opt-in.
+    block = resources["aws_s3_bucket_public_access_block.moe_ray"]
+    assert all(block[k] is True for k in ("block_public_acls", "block_public_policy", "restrict_public_buckets"))
+    assert "aws_s3_bucket_server_side_encryption_configuration.moe_ray" in resources
+    lifecycle = resources["aws_s3_bucket_lifecycle_configuration.moe_ray"]
+    assert [r["abort_incomplete_multipart_upload"][0]["days_after_initiation"] for r in lifecycle["rule"]] == [1]
+    assert variables["checkpoint_days"]["default"] is None
+    assert "var.checkpoint_days == null ? []" in lifecycle["dynamic"][0]['"rule"']["for_each"]
+    # The instance profile is the one the Ray cluster config names.
+    config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in config["available_node_types"].values()}
+    assert profiles == {resources["aws_iam_instance_profile.node"]["name"].strip('"')}
+
+
 def _cluster_specs(doc):
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 

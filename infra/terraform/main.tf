@@ -1,9 +1,11 @@
 # The bucket for moe-ray checkpoints and MLflow artifacts, and the IAM role the Ray nodes use
 # to reach it (no keys on the nodes). Apply with:
 #   cd infra/terraform && terraform init && terraform apply -var bucket=my-moe-ray-bucket
-# Old checkpoints: moe-ray keeps `checkpoint.keep` per run itself; the lifecycle rule below is
-# the safety net for abandoned runs (checkpoints older than `checkpoint_days` are deleted, and
-# unfinished multipart uploads of interrupted checkpoint writes after a day).
+# Old checkpoints: moe-ray keeps `checkpoint.keep` per run itself (`moe-ray checkpoints --prune`).
+# Unfinished multipart uploads of interrupted checkpoint writes are aborted after a day. An age
+# rule cannot tell an abandoned run from a finished one, so expiring runs/ is opt-in:
+# `-var checkpoint_days=30` deletes EVERYTHING under runs/ older than 30 days, final
+# checkpoints of finished runs included; copy the models you keep to another prefix first.
 
 terraform {
   required_version = ">= 1.5"
@@ -23,8 +25,9 @@ variable "bucket" {
 }
 
 variable "checkpoint_days" {
-  type    = number
-  default = 30
+  type        = number
+  default     = null
+  description = "expire objects under runs/ after this many days (null: never)"
 }
 
 provider "aws" {
@@ -54,14 +57,17 @@ resource "aws_s3_bucket_server_side_encryption_configuration" "moe_ray" {
 
 resource "aws_s3_bucket_lifecycle_configuration" "moe_ray" {
   bucket = aws_s3_bucket.moe_ray.id
-  rule {
-    id     = "expire-old-checkpoints"
-    status = "Enabled"
-    filter {
-      prefix = "runs/"
-    }
-    expiration {
-      days = var.checkpoint_days
+  dynamic "rule" {
+    for_each = var.checkpoint_days == null ? [] : [var.checkpoint_days]
+    content {
+      id     = "expire-old-checkpoints"
+      status = "Enabled"
+      filter {
+        prefix = "runs/"
+      }
+      expiration {
+        days = rule.value
+      }
     }
   }
   rule {
