@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_job
 
-from moe_ray.runtime.data_loading import DataError, load_token_splits
+from moe_ray.runtime.data_loading import DataError, load_in_cluster, load_token_splits
 from moe_ray.runtime.driver import run_job
 from moe_ray.spec import DataConfig
 
@@ -42,9 +42,11 @@ def expected_bytes(docs, nth):
 )
 def test_formats_give_the_same_stream_in_order(local_ray, corpus, name, fmt):
     cfg = DataConfig(source=str(corpus / name), format=fmt, text_field="body", val_every_nth_doc=10)
-    splits = load_token_splits(cfg, vocab_size=256)
+    ref, description = load_in_cluster(cfg, vocab_size=256)  # read and tokenised by a Ray task
+    splits = local_ray.get(ref)
     train, val = expected_bytes(DOCS, 10)
     assert np.array_equal(splits.train, train) and np.array_equal(splits.val, val)
+    assert description == f"{cfg.source}: 40 documents, {len(train):,} train / {len(val):,} val tokens"
 
 
 def test_tokenizer_json(local_ray, corpus, tmp_path):
@@ -64,12 +66,13 @@ def test_tokenizer_json(local_ray, corpus, tmp_path):
 
 
 def test_bad_data_refused_with_a_clear_message(local_ray, corpus):
+    # Raised inside the Ray task that reads the data, and handed back with its message.
     with pytest.raises(DataError, match="does not exist"):
-        load_token_splits(DataConfig(source=str(corpus / "nope.jsonl")), 256)
-    with pytest.raises(DataError, match="no field 'text'"):
-        load_token_splits(DataConfig(source=str(corpus / "docs.jsonl")), 256)
+        load_in_cluster(DataConfig(source=str(corpus / "nope.jsonl")), 256)
+    with pytest.raises(DataError, match=r"no field 'text' \(has \['body', 'id'\]\); set data.text_field"):
+        load_in_cluster(DataConfig(source=str(corpus / "docs.jsonl")), 256)
     with pytest.raises(DataError, match="set data.format"):
-        load_token_splits(DataConfig(source=str(corpus / "jsonl_folder")), 256)
+        load_in_cluster(DataConfig(source=str(corpus / "jsonl_folder")), 256)
 
 
 def test_a_run_on_user_data(local_ray, corpus, tmp_path):

@@ -2,8 +2,9 @@
 
 The built-in corpus needs nothing; user data (a local path or s3:// URI, file or folder) is read
 with Ray Data in a fixed order, tokenised, and split by document (every n-th document is
-validation text). The driver does this once and hands the arrays to every worker through the
-object store, so all workers see the identical stream whatever their number.
+validation text). This runs once per run, in a Ray task in the cluster (not in the driver,
+which may be a laptop), and its arrays reach every worker through the object store, so all
+workers see the identical stream whatever their number.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from moe_ray.data import TokenSplits, builtin_corpus
 from moe_ray.spec import DataConfig
@@ -91,6 +93,29 @@ def tokenize(docs: list[str], tokenizer) -> list[np.ndarray]:
         return [np.frombuffer((d + "\n").encode("utf-8"), dtype=np.uint8) for d in docs]
     ids = tokenizer.encode_batch(docs)
     return [np.asarray(e.ids, dtype=np.int32) for e in ids]
+
+
+def load_in_cluster(cfg: DataConfig, vocab_size: int):
+    """(an object ref of the run's TokenSplits, their description). The built-in corpus is read
+    here (it is small and cached); user data is read and tokenised by a Ray task, so the driver
+    never holds it. A DataError is raised here, with its message, before anything starts."""
+    if cfg.source == "builtin":
+        splits = load_token_splits(cfg, vocab_size)
+        return ray.put(splits), splits.description
+    splits_ref, description_ref = _load_task.remote(cfg.model_dump(), vocab_size)
+    try:
+        return splits_ref, ray.get(description_ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, DataError):
+            raise DataError(str(err.cause)) from None
+        raise
+
+
+# Retried if its node dies; the result is rebuilt from the same files if its copy is lost.
+@ray.remote(num_cpus=1, num_returns=2, max_retries=3)
+def _load_task(cfg: dict, vocab_size: int) -> tuple[TokenSplits, str]:
+    splits = load_token_splits(DataConfig.model_validate(cfg), vocab_size)
+    return splits, splits.description
 
 
 def load_token_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:

@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
-from moe_ray.runtime.data_loading import load_token_splits
+from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.spec import JobSpec, WorkerRange, default_run_name
@@ -254,8 +254,8 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
 def _run(
     job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
 ) -> RunResult:
-    data = load_token_splits(job.data, job.model.vocab_size)
-    data_ref = ray.put(data)
+    data_ref, description = load_in_cluster(job.data, job.model.vocab_size)
+    log.warning("data: %s", description)
     scale_rule = {"max": min(job.model.moe.n_routed_experts, job.train.batch_size), "ep_size": job.resources.ep_size}
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
     # node that may be lost (it would survive that too, by restarting and re-seeding).
