@@ -122,6 +122,13 @@ def test_scale_refuses_impossible_worker_counts(local_ray):
     with pytest.raises(RunError, match="no running run named"):
         request_scale("no-such-run", 2)
     ray.kill(coord)
+    # An elastic run is sized by Ray Train, not by moe-ray scale.
+    coord = Coordinator.options(name=coordinator_name("elastic"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10, rule | {"elastic": (2, 4)}
+    )
+    with pytest.raises(RunError, match=r"this run is elastic \(resources.workers 2 to 4\)"):
+        request_scale("elastic", 3)
+    ray.kill(coord)
 
 
 def test_a_worker_whose_peer_never_sends_its_counts_fails_instead_of_waiting(local_ray, monkeypatch):

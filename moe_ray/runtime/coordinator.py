@@ -183,7 +183,8 @@ class Coordinator:
 
     def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int, scale_rule: dict | None = None):
         self.state = CoordinatorState(n_layers, n_experts, balance, total_steps)
-        # What `moe-ray scale` may ask for: at most `max` workers, a multiple of `ep_size` if set.
+        # What `moe-ray scale` may ask for: at most `max` workers, a multiple of `ep_size` if set;
+        # nothing for an elastic run (`elastic`: its (min, max)).
         self.scale_rule = scale_rule or {"max": n_experts, "ep_size": None}
 
     async def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
@@ -204,6 +205,12 @@ class Coordinator:
     async def request_scale(self, workers: int) -> dict:
         """Ask the run to continue with `workers` workers from its next step boundary."""
         rule = self.scale_rule
+        if rule.get("elastic"):
+            low, high = rule["elastic"]
+            raise ValueError(
+                f"this run is elastic (resources.workers {low} to {high}): Ray Train grows and shrinks it "
+                "with the cluster; moe-ray scale changes runs with a fixed worker count"
+            )
         if not 1 <= workers <= rule["max"]:
             raise ValueError(
                 f"cannot scale to {workers} workers: this job allows 1 to {rule['max']} "

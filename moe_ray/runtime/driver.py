@@ -256,7 +256,13 @@ def _run(
 ) -> RunResult:
     data_ref, description = load_in_cluster(job.data, job.model.vocab_size)
     log.warning("data: %s", description)
-    scale_rule = {"max": min(job.model.moe.n_routed_experts, job.train.batch_size), "ep_size": job.resources.ep_size}
+    res = job.resources
+    workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
+    scale_rule = {
+        "max": min(job.model.moe.n_routed_experts, job.train.batch_size),
+        "ep_size": res.ep_size,
+        "elastic": workers if isinstance(workers, tuple) else None,
+    }
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
     # node that may be lost (it would survive that too, by restarting and re-seeding).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -265,8 +271,6 @@ def _run(
     ).remote(
         job.model.n_moe_layers, job.model.moe.n_routed_experts, job.balance.model_dump(), job.train.steps, scale_rule
     )
-    res = job.resources
-    workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
     tracking = RunTracking(job, run_name, address)
     log.warning(tracking.hint())
     progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
