@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from moe_ray.secrets import redact
 from moe_ray.spec import JobSpecError, dump_job, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train DeepSeek-style MoE models on Ray.")
@@ -39,7 +40,7 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
     from moe_ray.sizing import job_size
 
     job = _load(job_file, set_)
-    typer.echo(dump_job(job), nl=False)
+    typer.echo(redact(dump_job(job)), nl=False)  # a ${VAR} may have brought in a URL password
     # As YAML comments: the output stays a valid job file.
     for line in job_size(job).lines():
         typer.echo(f"# {line}")
@@ -71,7 +72,7 @@ def run(
         raise typer.Exit(1) from None
     reporter.close()
     if result.mlflow_run_id:
-        console.print(f"MLflow run {result.mlflow_run_id} at {result.mlflow_uri}", highlight=False)
+        console.print(f"MLflow run {result.mlflow_run_id} at {redact(result.mlflow_uri)}", highlight=False)
     vio = result.max_vio_global
     console.print(
         f"[bold]done[/bold]: run {result.run_name}, {result.final_step} steps in {result.seconds:.0f} s\n"
@@ -226,7 +227,7 @@ def submit(
         out = do_submit(job, address, run_name)
     typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")
     if out["mlflow_link"]:
-        typer.echo(f"MLflow run: {out['mlflow_link']}")
+        typer.echo(f"MLflow run: {redact(out['mlflow_link'])}")
     typer.echo(f"follow it: moe-ray logs {out['submission_id']} --follow --address {address}")
 
 

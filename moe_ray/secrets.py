@@ -23,7 +23,8 @@ _SECRET_NAMES = (
     "client_secret",
 )
 _SECRET_ENDINGS = tuple(f"_{n}" for n in _SECRET_NAMES)
-_SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}")  # AWS access key ids
+_AWS_KEY_ID = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}")
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^/@\s:]*:)([^/@\s]+)(@)", re.IGNORECASE)  # scheme://user:PASSWORD@
 
 
 def looks_secret_key(name: str) -> bool:
@@ -31,5 +32,15 @@ def looks_secret_key(name: str) -> bool:
     return last in _SECRET_NAMES or (last.endswith(_SECRET_ENDINGS) and not last.endswith("_per_token"))
 
 
-def looks_secret_value(value: str) -> bool:
-    return bool(_SECRET_VALUE.search(value))
+def secret_value_kind(value: str) -> str | None:
+    """What kind of credential `value` contains, if any."""
+    if _AWS_KEY_ID.search(value):
+        return "an AWS access key"
+    if _URL_PASSWORD.search(value):
+        return "a password in a URL (user:password@host)"
+    return None
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and AWS key ids masked, for printing and logging."""
+    return _AWS_KEY_ID.sub("***", _URL_PASSWORD.sub(r"\1***\3", text))

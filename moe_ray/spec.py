@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
-from moe_ray.secrets import looks_secret_key, looks_secret_value
+from moe_ray.secrets import looks_secret_key, secret_value_kind
 
 
 class DataConfig(Strict):
@@ -272,8 +272,14 @@ def find_secrets(data, path: str = "") -> list[tuple[str, str]]:
     elif isinstance(data, list):
         for i, v in enumerate(data):
             found += find_secrets(v, f"{path}[{i}]")
-    elif isinstance(data, str) and looks_secret_value(data):
-        found.append((path, "contains what looks like an AWS access key: set credentials in the environment"))
+    elif isinstance(data, str) and (kind := secret_value_kind(data)):
+        found.append(
+            (
+                path,
+                f"contains what looks like {kind}: set credentials in the environment "
+                "(AWS_* for S3, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for MLflow)",
+            )
+        )
     return found
 
 

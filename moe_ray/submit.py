@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import moe_ray
+from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, default_run_name, dump_job
 
 # Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
@@ -82,7 +83,7 @@ def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
                     "moe_ray.job": job.name,
                     "moe_ray.run": run_name,
                     "mlflow_run_id": mlflow_run_id or "",
-                    "mlflow_uri": job.tracking.uri or "",
+                    "mlflow_uri": redact(job.tracking.uri or ""),
                 },
             )
         except Exception as err:

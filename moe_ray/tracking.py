@@ -18,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from moe_ray.secrets import looks_secret_key, looks_secret_value
+from moe_ray.secrets import looks_secret_key, redact
 
 log = logging.getLogger("moe_ray.tracking")
 
@@ -31,16 +31,17 @@ def local_store_uri(folder: Path | None = None) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; values whose key looks secret are redacted."""
+    """{"a": {"b": 1}} -> {"a.b": "1"}; values whose key looks secret are redacted, and
+    credentials inside other values (a URL's password, an AWS key id) are masked."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
-        elif looks_secret_key(str(key)) or looks_secret_value(str(value)):
+        elif looks_secret_key(str(key)):
             out[name] = "***"
         else:
-            out[name] = str(value)[:6000]
+            out[name] = redact(str(value))[:6000]
     return out
 
 

@@ -60,6 +60,23 @@ def test_secrets_in_job_files_are_refused(tmp_path):
     paths = [p for p, _ in err.value.problems]
     assert "checkpoint.aws_secret_access_key" in paths and "data.source" in paths
     assert "abc" not in str(err.value) and "AKIAABCDEFGHIJKLMNOP" not in str(err.value)
+    # A password in a URL is refused too, with where to put it instead.
+    path.write_text("tracking:\n  uri: http://alice:hunter2@mlflow.internal:5000\n")
+    with pytest.raises(JobSpecError, match="password in a URL.*MLFLOW_TRACKING_PASSWORD") as err:
+        load_job(path)
+    assert "hunter2" not in str(err.value)
+
+
+def test_validate_masks_a_url_password_that_came_from_the_environment(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+
+    monkeypatch.setenv("MLFLOW_URI", "http://bob:s3cret@mlflow:5000")
+    path = tmp_path / "j.yaml"
+    path.write_text("tracking:\n  uri: ${MLFLOW_URI}\n")
+    out = CliRunner().invoke(app, ["validate", str(path)]).output
+    assert "uri: http://bob:***@mlflow:5000" in out and "s3cret" not in out
 
 
 @pytest.mark.parametrize(

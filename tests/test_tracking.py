@@ -115,6 +115,9 @@ def test_metrics_kept_while_server_is_down_are_sent_when_it_answers(tmp_path):
 def test_flatten_redacts_secret_looking_keys():
     flat = flatten({"a": {"b": 1, "api_token": "xyz"}, "password": "p"})
     assert flat == {"a.b": "1", "a.api_token": "***", "password": "***"}
+    # Credentials inside a value (e.g. brought in by ${VAR}) are masked, the rest kept.
+    flat = flatten({"uri": "http://bob:s3cret@mlflow:5000", "src": "s3://AKIAABCDEFGHIJKLMNOP@b/x"})
+    assert flat == {"uri": "http://bob:***@mlflow:5000", "src": "s3://***@b/x"}
 
 
 def test_secret_detection_is_by_whole_name_part():

@@ -20,6 +20,7 @@ from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coor
 from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
+from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, WorkerRange, default_run_name
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location
@@ -255,7 +256,7 @@ def _run(
     job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
 ) -> RunResult:
     data_ref, description = load_in_cluster(job.data, job.model.vocab_size)
-    log.warning("data: %s", description)
+    log.warning("data: %s", redact(description))
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
     scale_rule = {

@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from moe_ray.plots import load_heatmap
+from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, dump_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow_http
@@ -48,7 +49,7 @@ class RunTracking:
 
     def hint(self) -> str:
         if self.job.tracking.uri:
-            return f"MLflow: {self.uri} (experiment {self.cfg.experiment})"
+            return f"MLflow: {redact(self.uri)} (experiment {self.cfg.experiment})"
         return f"MLflow: local store; open the UI with: mlflow ui --backend-store-uri {self.uri}"
 
     def _due(self, step: int) -> bool:
