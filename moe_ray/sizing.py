@@ -23,7 +23,6 @@ GPU_MEMORY_GIB = 80  # the common large accelerator (H100 80 GB); the warning th
 class JobSize:
     total_params: int
     active_params: int  # per token: dense parts + top_k of the routed experts
-    routed_params: int
     workers: int  # the smallest worker count the job runs with: where a worker holds the most
     experts_per_worker: int  # the largest block a worker holds at that count
     worker_params: int
@@ -76,7 +75,6 @@ def job_size(job: JobSpec) -> JobSize:
     return JobSize(
         total_params=counts["total"],
         active_params=counts["active"],
-        routed_params=counts["routed_experts"],
         workers=workers,
         experts_per_worker=block,
         worker_params=dense + block * per_layer_expert * job.model.n_moe_layers,

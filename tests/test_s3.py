@@ -38,6 +38,15 @@ def s3_run(s3_ray):
     return job, run_job(job, run_name="s3run")
 
 
+def copy_run(new_run, keep, alter=lambda key, body: body):
+    """A new run holding the objects of `s3run` whose key passes `keep`, each body through `alter`."""
+    client = boto3.client("s3")
+    for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
+        if keep(o["Key"]):
+            body = alter(o["Key"], client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read())
+            client.put_object(Bucket=BUCKET, Key=o["Key"].replace("runs/s3run/", f"runs/{new_run}/"), Body=body)
+
+
 def test_checkpoints_round_trip_through_s3(s3_run):
     job, result = s3_run
     run = run_location(job.checkpoint.storage, "s3run")
@@ -57,16 +66,12 @@ def test_checkpoints_round_trip_through_s3(s3_run):
 
 def test_tampered_s3_checkpoint_is_not_loaded(s3_run):
     job, _ = s3_run
-    client = boto3.client("s3")
+
     # A new run holding the step-2 and step-4 checkpoints, step 4's dense file altered (same size).
-    for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
-        if "/step-00000002/" not in o["Key"] and "/step-00000004/" not in o["Key"]:
-            continue
-        new_key = o["Key"].replace("runs/s3run/", "runs/s3bad/")
-        body = client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-        if new_key.endswith("step-00000004/" + ckpt.DENSE):
-            body = body[:-1] + bytes([body[-1] ^ 0xFF])
-        client.put_object(Bucket=BUCKET, Key=new_key, Body=body)
+    def flip_last_byte_of_step4_dense(key, body):
+        return body[:-1] + bytes([body[-1] ^ 0xFF]) if key.endswith("step-00000004/" + ckpt.DENSE) else body
+
+    copy_run("s3bad", lambda key: "/step-00000002/" in key or "/step-00000004/" in key, flip_last_byte_of_step4_dense)
     longer = job.model_copy(update={"train": job.train.model_copy(update={"steps": 5})})
     resumed = run_job(longer, resume="s3bad")
     start = [e for e in resumed.progress.events if e.get("event") == "placement"][0]
@@ -81,13 +86,7 @@ def test_missing_bucket_refused_before_anything_starts(s3_stack):
 
 def test_prune_keeps_newest_complete(s3_run):
     job, _ = s3_run
-    client = boto3.client("s3")
-    for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
-        if "/step-" not in o["Key"]:
-            continue
-        client.copy_object(
-            Bucket=BUCKET, Key=o["Key"].replace("s3run", "s3prune"), CopySource={"Bucket": BUCKET, "Key": o["Key"]}
-        )
+    copy_run("s3prune", lambda key: "/step-" in key)
     run = run_location(job.checkpoint.storage, "s3prune")
     before = [c.step for c in list_checkpoints(run)]
     assert len(before) >= 2
@@ -165,11 +164,7 @@ def test_a_worker_downloads_only_its_own_experts_files(s3_run):
     for a, b in zip(shard.moe_layers(), full.moe_layers(), strict=True):
         assert torch.equal(a.experts.w13, b.experts.w13[0:4]) and torch.equal(a.experts.w2, b.experts.w2[0:4])
     # Another rank's file gone from storage: refused (the checkpoint is incomplete), nothing loaded.
-    client = boto3.client("s3")
-    for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3run")):
-        if "/step-00000004/" in o["Key"] and "experts-00004" not in o["Key"]:
-            body = client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-            client.put_object(Bucket=BUCKET, Key=o["Key"].replace("runs/s3run/", "runs/s3partial/"), Body=body)
+    copy_run("s3partial", lambda key: "/step-00000004/" in key and "experts-00004" not in key)
     partial = f"{path.rsplit('/', 1)[0]}/s3partial/step-00000004"
     with pytest.raises(
         ckpt.CheckpointError, match="experts-00004-00007.safetensors is listed in the index but missing"

@@ -192,8 +192,8 @@ def load(
     folder = Path(folder)
     index = read_index(folder)
     experts = _expert_modules(model)
-    wanted = files_needed(index, model)[2:]
-    verify(folder, hash_files={DENSE, STATE, *wanted}, sizes=sizes)
+    needed = files_needed(index, model)
+    verify(folder, hash_files=set(needed), sizes=sizes)
     state = json.loads((folder / STATE).read_text())
     step = int(state["step"])
 
@@ -221,7 +221,7 @@ def load(
                 _set_adam_state(optimizer, p, step, vals)
 
     found: dict[tuple[int, int], int] = {}
-    for name in wanted:
+    for name in (n for n in needed if n not in (DENSE, STATE)):
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():
                 m = _EXPERT_KEY.match(key)
