@@ -37,12 +37,13 @@ def _load(job_file: str, overrides: list[str] | None):
 @app.command()
 def validate(job_file: str, set_: SetOpt = None) -> None:
     """Check a job file; print the resolved job, or every problem with its dotted path."""
-    from moe_ray.sizing import job_size
+    from moe_ray.sizing import job_size, routing_limits_warning
 
     job = _load(job_file, set_)
     typer.echo(redact(dump_job(job)), nl=False)  # a ${VAR} may have brought in a URL password
     # As YAML comments: the output stays a valid job file.
-    for line in job_size(job).lines():
+    warning = routing_limits_warning(job)
+    for line in job_size(job).lines() + ([warning] if warning else []):
         typer.echo(f"# {line}")
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_ray.model.router import routing_limits_problem
 from moe_ray.model.transformer import MoETransformer
+from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.spec import JobSpec
 
 BYTES_PER_TRAINED_PARAM = 16  # fp32 weight + gradient + AdamW m and v
@@ -80,3 +82,26 @@ def job_size(job: JobSpec) -> JobSize:
         worker_params=dense + block * per_layer_expert * job.model.n_moe_layers,
         gpu=job.resources.use_gpu is not False,
     )
+
+
+def routing_limits_warning(job: JobSpec) -> str | None:
+    """Node-limited routing depends on which node hosts each worker, which Ray decides at start:
+    the workers refuse a placement that breaks the limits before the first step. Here, the layout
+    of one worker per node (each expert-parallel rank on its own node) at the job's smallest and
+    largest worker counts gives an early warning."""
+    moe = job.model.moe
+    if moe.max_nodes_per_token is None or not job.model.n_moe_layers:
+        return None
+    groups = torch.arange(moe.n_routed_experts) // (moe.n_routed_experts // moe.n_group)
+    for workers in sorted({job.resources.min_workers, job.resources.max_workers}):
+        ep = job.ep_size_for(workers)
+        placement = ExpertPlacement(moe.n_routed_experts, ep, tuple(range(workers)))
+        problem = routing_limits_problem(
+            groups, placement.expert_nodes(0), moe.top_k, moe.topk_group, moe.max_nodes_per_token
+        )
+        if problem:
+            return (
+                f"warning: with {workers} workers on one node each, {problem}. Workers refuse such a "
+                "placement before the first step"
+            )
+    return None

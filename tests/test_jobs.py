@@ -141,3 +141,20 @@ def test_validate_sizes_the_v3_job_and_warns_that_it_does_not_fit():
     assert re.search(r"# warning: \d+ GiB per worker does not fit an 80 GB GPU", out)
     quick = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "quickstart"))]).output
     assert "# per worker at 2 worker(s)" in quick and "warning" not in quick
+
+
+def test_validate_warns_when_node_and_group_limits_can_leave_a_token_short(tmp_path):
+    """12 experts in groups of 2, top-4, 2 groups and 2 nodes per token: 4 workers on 4 nodes hold
+    3 experts each, straddling the groups, so a token can keep only 2 experts."""
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+
+    moe = "n_routed_experts: 12, expert_hidden: 8, top_k: 4, n_group: 6, topk_group: 2"
+    path = tmp_path / "j.yaml"
+    path.write_text(f"model:\n  moe: {{{moe}, max_nodes_per_token: 2}}\nresources:\n  workers: 4\n")
+    out = CliRunner().invoke(app, ["validate", str(path)]).output
+    assert re.search(r"# warning: with 4 workers on one node each, .*fewer than top_k=4", out), out
+    assert "moe.topk_group or moe.max_nodes_per_token" in out
+    ok = CliRunner().invoke(app, ["validate", str(path), "--set", "resources.workers=2"]).output
+    assert "warning" not in ok, ok

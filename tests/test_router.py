@@ -1,10 +1,12 @@
 """Router against a plain per-token reference (DESIGN 2.2)."""
 
+import itertools
+
 import pytest
 import torch
 
 from moe_ray.config import MoEConfig
-from moe_ray.model.router import Router
+from moe_ray.model.router import Router, group_members, group_top_sum
 
 
 def reference_route(x, weight, bias, cfg: MoEConfig, expert_node=None):
@@ -148,3 +150,130 @@ def test_router_scores_are_fp32_under_bf16_input():
     router = make_router(cfg)
     out = router(torch.randn(4, 32).bfloat16())
     assert out.scores.dtype == torch.float32 and out.gates.dtype == torch.float32
+
+
+# --- group and node limits together (DESIGN 2.2.5 + 2.2.6, the rule in Router's docstring) ---
+
+
+def brute_force_route(choice: list[float], expert_group, expert_node, top_k, topk_group, max_nodes):
+    """The rule by enumeration of subsets, sharing no code with the router: the node set with the
+    best summed node score, then the group set (among reached groups) with the best summed group
+    score, then the top_k subset of the remaining experts with the best summed choice."""
+    n = len(choice)
+    nodes = sorted(set(expert_node))
+    allowed = set(range(n))
+    if max_nodes is not None and len(nodes) > max_nodes:
+        per = max(1, top_k // max_nodes)
+
+        def node_score(nd):
+            return sum(sorted((choice[e] for e in range(n) if expert_node[e] == nd), reverse=True)[:per])
+
+        best = max(itertools.combinations(nodes, max_nodes), key=lambda s: sum(node_score(nd) for nd in s))
+        allowed = {e for e in allowed if expert_node[e] in best}
+    groups = sorted(set(expert_group))
+    if len(groups) > 1 and topk_group < len(groups):
+
+        def group_score(g):
+            return sum(sorted((choice[e] for e in range(n) if expert_group[e] == g), reverse=True)[:2])
+
+        reached = sorted({expert_group[e] for e in allowed})
+        keep = min(topk_group, len(reached))
+        best = max(itertools.combinations(reached, keep), key=lambda s: sum(group_score(g) for g in s))
+        allowed = {e for e in allowed if expert_group[e] in best}
+    assert len(allowed) >= top_k, "the layout must be one the router accepts"
+    return sorted(max(itertools.combinations(sorted(allowed), top_k), key=lambda s: sum(choice[e] for e in s)))
+
+
+def check_limits(indices, expert_group, expert_node, top_k, topk_group, max_nodes):
+    for row in indices.tolist():
+        assert len(set(row)) == top_k, f"{row}: not {top_k} distinct experts"
+        assert len({expert_group[e] for e in row}) <= topk_group, f"{row}: breaks the group limit"
+        assert len({expert_node[e] for e in row}) <= max_nodes, f"{row}: breaks the node limit"
+
+
+def test_group_and_node_limits_together_the_reported_case():
+    """16 experts in 8 groups keeping 2, top-4, experts 0-7 on node 0 and 8-15 on node 1, one node
+    per token: the old router let 155 of 256 tokens break a limit."""
+    cfg = MoEConfig(n_routed_experts=16, expert_hidden=8, top_k=4, n_group=8, topk_group=2, max_nodes_per_token=1)
+    router = make_router(cfg, bias_scale=0.5)
+    expert_node = [0] * 8 + [1] * 8
+    router.set_expert_nodes(torch.tensor(expert_node))
+    out = router(torch.randn(256, 32))
+    check_limits(out.indices, (torch.arange(16) // 2).tolist(), expert_node, 4, 2, 1)
+    assert torch.isfinite(out.gates).all()
+
+
+LAYOUTS = [
+    # (n_experts, n_group, topk_group, top_k, max_nodes, expert -> node)
+    (16, 8, 2, 4, 1, [0] * 8 + [1] * 8),
+    (16, 4, 2, 4, 2, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4),  # nodes hold whole groups
+    (16, 2, 1, 4, 2, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4),  # groups span several nodes
+    (16, 4, 3, 4, 2, [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0, 1, 2, 3]),  # uneven, not contiguous
+    (12, 3, 2, 3, 2, [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]),  # nodes straddle groups
+    (8, 4, 3, 3, 2, [2, 0, 1, 1, 0, 2, 2, 0]),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"layout{i}" for i in range(len(LAYOUTS))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_and_node_limits_match_brute_force(layout, seed):
+    n, n_group, topk_group, top_k, max_nodes, expert_node = layout
+    cfg = MoEConfig(
+        n_routed_experts=n,
+        expert_hidden=8,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        max_nodes_per_token=max_nodes,
+    )
+    router = make_router(cfg, seed=seed, bias_scale=0.0)
+    # Negative and mixed biases: s + b < 0 for some experts, so a 0 mask would let them win.
+    router.expert_bias.copy_(torch.randn(n) * 0.6 - 0.5)
+    router.set_expert_nodes(torch.tensor(expert_node))
+    x = torch.randn(96, 32)
+    out = router(x)
+    expert_group = (torch.arange(n) // (n // n_group)).tolist()
+    check_limits(out.indices, expert_group, expert_node, top_k, topk_group, max_nodes)
+    choice = (out.scores + router.expert_bias).tolist()
+    for t, row in enumerate(out.indices.sort(dim=-1).values.tolist()):
+        assert row == brute_force_route(choice[t], expert_group, expert_node, top_k, topk_group, max_nodes), t
+
+
+def test_placement_that_breaks_the_limits_is_refused_and_would_break_them():
+    """Nodes of 3 experts straddle groups of 2: a token whose best nodes are 0 and 2 and whose
+    best groups are the two half-groups on them keeps only 2 experts, fewer than top_k=4."""
+    cfg = MoEConfig(n_routed_experts=16, expert_hidden=8, top_k=4, n_group=8, topk_group=2, max_nodes_per_token=2)
+    expert_node = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4])
+    router = make_router(cfg)
+    with pytest.raises(ValueError, match="moe.topk_group or moe.max_nodes_per_token") as err:
+        router.set_expert_nodes(expert_node)
+    assert "fewer than top_k=4" in str(err.value)
+    assert router.n_nodes == 1, "a refused placement must leave the router as it was"
+    # Without the check, this token really leaves the limits: nodes 0 and 2 win (experts 0-2,
+    # 6-8), groups 1 (experts 2, 3) and 4 (experts 8, 9) win, and only experts 2 and 8 remain.
+    router.expert_node.copy_(expert_node)
+    router.n_nodes, router.node_members = 5, group_members(expert_node)
+    scores = torch.full((1, 16), 0.1)
+    scores[0, [0, 1, 2, 6, 7, 8]] = torch.tensor([0.5, 0.5, 0.6, 0.5, 0.5, 0.6])
+    scores[0, [3, 9]] = 0.99  # lifts groups 1 and 4 without lifting nodes 1 and 3 enough
+    router.expert_bias.zero_()
+    picked = router.select(scores)
+    assert {2, 8} <= set(picked[0].tolist())
+    with pytest.raises(AssertionError, match="breaks the"):
+        check_limits(picked, (torch.arange(16) // 2).tolist(), expert_node.tolist(), 4, 2, 2)
+
+
+def test_group_scores_by_reshape_equal_the_general_path():
+    choice = torch.randn(64, 24)
+    contiguous = torch.arange(24) // 6
+    assert group_members(contiguous) is None
+    general = [(contiguous == g).nonzero().squeeze(1) for g in range(4)]
+    torch.testing.assert_close(group_top_sum(choice, None, 4, 2), group_top_sum(choice, general, 4, 2))
+
+
+def test_refusal_covers_node_limit_alone():
+    """Three nodes of 2, 2 and 12 experts, one node per token, top-4: the small nodes cannot serve."""
+    cfg = MoEConfig(n_routed_experts=16, expert_hidden=8, top_k=4, max_nodes_per_token=1)
+    router = make_router(cfg)
+    with pytest.raises(ValueError, match="fewer than top_k=4"):
+        router.set_expert_nodes(torch.tensor([0, 0, 1, 1] + [2] * 12))

@@ -46,7 +46,7 @@ class LocalDispatcher:
 class MoEStats:
     counts: torch.Tensor  # (n_routed_experts,) tokens per expert in this forward pass
     balance_loss: torch.Tensor | None
-    max_nodes: int | None = None  # most nodes any token's experts sat on (node-aware routing only)
+    max_nodes: torch.Tensor | None = None  # 0-dim: most nodes any token's experts sat on (multi-node only)
 
 
 class MoELayer(nn.Module):

@@ -55,7 +55,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor
     balance_loss: torch.Tensor
     counts: torch.Tensor  # (n_moe_layers, n_routed_experts) tokens per expert in this pass
-    max_nodes: int | None = None  # most nodes any token reached in any layer (node-aware routing)
+    max_nodes: torch.Tensor | None = None  # 0-dim: most nodes any token reached in any layer (multi-node only)
 
 
 class MoETransformer(nn.Module):
@@ -149,13 +149,14 @@ class MoETransformer(nn.Module):
             if stats
             else torch.zeros(0, self.cfg.moe.n_routed_experts, dtype=torch.long, device=window.device)
         )
+        reached = [s.max_nodes for s in stats if s.max_nodes is not None]
         return ModelOutput(
             loss=lm_loss + mtp_loss + balance_loss,
             lm_loss=lm_loss,
             mtp_loss=mtp_loss,
             balance_loss=balance_loss,
             counts=counts,
-            max_nodes=max((s.max_nodes for s in stats if s.max_nodes is not None), default=None),
+            max_nodes=torch.stack(reached).max() if reached else None,
         )
 
     def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

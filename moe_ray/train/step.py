@@ -116,5 +116,5 @@ def train_step(
         tokens=window.shape[0] * (window.shape[1] - 1 - model.cfg.mtp.depth),
         seconds=time.perf_counter() - start,
         counts=out.counts.detach().cpu(),
-        max_nodes=out.max_nodes,
+        max_nodes=None if out.max_nodes is None else int(out.max_nodes),
     )
