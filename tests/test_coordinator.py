@@ -1,7 +1,6 @@
-"""The coordinator's state machine without Ray: every worker of a step must get the same bias
-and the same scale decision, however the replies interleave with a `moe-ray scale` request."""
-
-import asyncio
+"""The coordinator's state machine without Ray: one report per step (the group's summed counts,
+from rank 0), the bias rule applied once, the scale decision fixed in that one reply, and memory
+that stays bounded however long the run."""
 
 import numpy as np
 import pytest
@@ -9,7 +8,14 @@ import torch
 
 from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.config import BalanceConfig
-from moe_ray.runtime.coordinator import CoordinatorState, StaleGeneration
+from moe_ray.runtime.coordinator import (
+    HISTORY_POINTS,
+    CoordinatorState,
+    NeedsSeed,
+    RecentLog,
+    StaleGeneration,
+    bias_digest,
+)
 
 LAYERS, EXPERTS, STEPS = 2, 4, 10
 BALANCE = {"bias_update_speed": 0.1}
@@ -19,58 +25,81 @@ def counts(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 20, size=(LAYERS, EXPERTS))
 
 
-async def rank0_waits_for_rank1() -> tuple[CoordinatorState, int, asyncio.Task]:
-    """A 2-worker group at step 0 whose rank 0 has sent its counts and waits for its bias."""
+def test_bias_follows_the_rule_on_the_summed_counts():
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    gen = state.begin(0, 3, None)
+    bias = torch.zeros(LAYERS, EXPERTS)
+    cfg = BalanceConfig.model_validate(BALANCE)
+    for step in range(4):
+        total = sum(counts(10 * step + r) for r in range(3))  # what the all-reduce hands rank 0
+        version, got, scale = state.exchange(gen, step, total, bias_digest(bias))
+        bias = update_bias(bias, torch.from_numpy(total), bias_update_speed(cfg, step, STEPS))
+        assert (version, scale) == (step + 1, None)
+        np.testing.assert_array_equal(got, bias.numpy())
+    assert (state.bias_checks, state.bias_mismatches) == (4, [])
+    assert [h["step"] for h in state.history.latest_per_step()] == [0, 1, 2, 3]
+
+
+def test_a_scale_request_arrives_in_the_next_reply_and_a_retry_gets_the_same_reply():
     state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
     gen = state.begin(0, 2, None)
-    state.submit_counts(gen, 0, 0, counts(0))
-    waiting = asyncio.create_task(state.get_bias(gen, 0))
-    await asyncio.sleep(0)
-    return state, gen, waiting
+    first = state.exchange(gen, 0, counts(0))
+    state.desired_workers = 1  # `moe-ray scale` lands between two steps
+    second = state.exchange(gen, 1, counts(1))
+    assert (first[2], second[2]) == (None, 1)
+    again = state.exchange(gen, 1, counts(1))  # the same call, retried: the rule is not applied twice
+    assert again[0] == second[0] and np.array_equal(again[1], second[1]) and again[2] == 1
+    assert len(state.history.latest_per_step()) == 2
+    with pytest.raises(RuntimeError, match="counts of step 5 arrived"):
+        state.exchange(gen, 5, counts(5))  # a step was skipped: refuse rather than misapply
 
 
-def test_a_scale_request_between_two_replies_reaches_both_workers_at_the_same_step():
-    async def scenario():
-        state, gen, first = await rank0_waits_for_rank1()
-        state.submit_counts(gen, 0, 1, counts(1))
-        second = await state.get_bias(gen, 0)  # rank 1's reply goes out at once
-        state.desired_workers = 1  # `moe-ray scale` lands before rank 0's reply is sent
-        first = await first
-        assert first[0] == second[0] == 1
-        np.testing.assert_array_equal(first[1], second[1])
-        assert first[2] == second[2] is None  # step 0 was complete before the request
-        # The next step carries the request to both ranks.
-        for rank in (0, 1):
-            state.submit_counts(gen, 1, rank, counts(rank))
-        replies = [await state.get_bias(gen, 1) for _ in (0, 1)]
-        assert [r[2] for r in replies] == [1, 1]
-
-    asyncio.run(scenario())
+def test_a_wrong_bias_digest_is_recorded():
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    gen = state.begin(0, 2, None)
+    state.exchange(gen, 0, counts(0), bias_digest(np.ones((LAYERS, EXPERTS))))
+    assert state.bias_mismatches and state.bias_mismatches[0]["step"] == 0
 
 
-def test_bias_follows_the_rule_on_the_summed_counts():
-    async def scenario():
-        state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
-        gen = state.begin(0, 3, None)
-        bias = torch.zeros(LAYERS, EXPERTS)
-        cfg = BalanceConfig.model_validate(BALANCE)
-        for step in range(4):
-            parts = [counts(10 * step + r) for r in range(3)]
-            for rank, part in enumerate(parts):
-                state.submit_counts(gen, step, rank, part)
-            version, got, _ = await state.get_bias(gen, step)
-            bias = update_bias(bias, torch.from_numpy(sum(parts)), bias_update_speed(cfg, step, STEPS))
-            assert version == step + 1
-            np.testing.assert_array_equal(got, bias.numpy())
+def test_a_new_worker_group_refuses_the_old_one_and_a_restart_asks_for_a_seed():
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    old = state.begin(0, 2, None)
+    state.begin(0, 1, None)  # the group was torn down and a new one started
+    with pytest.raises(StaleGeneration):
+        state.exchange(old, 0, counts(0))
+    fresh = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)  # the actor restarted
+    with pytest.raises(NeedsSeed):
+        fresh.exchange(3, 7, counts(0))
+    seed = np.full((LAYERS, EXPERTS), 0.25, dtype=np.float32)
+    fresh.reseed(3, 7, 2, seed)
+    version, bias, _ = fresh.exchange(3, 7, counts(0), bias_digest(seed))
+    assert version == 8 and fresh.bias_mismatches == []
+    expected = update_bias(torch.from_numpy(seed), torch.from_numpy(counts(0)), 0.1)
+    np.testing.assert_array_equal(bias, expected.numpy())
 
-    asyncio.run(scenario())
+
+def test_memory_stays_bounded_over_100k_steps():
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, 100_000)
+    gen = state.begin(0, 1024, None)
+    one = counts(0)
+    for step in range(100_000):
+        state.exchange(gen, step, one)
+        state.metrics.append({"step": step})
+    records = state.history.latest_per_step()
+    assert len(records) <= HISTORY_POINTS
+    steps = [r["step"] for r in records]
+    assert steps[0] == 0 and steps[-1] > 100_000 - 2 * 100_000 / HISTORY_POINTS  # spans the whole run
+    assert len(set(np.diff(steps))) == 1  # evenly
+    assert len(state.balance_log.items) <= 2 * state.balance_log.keep and len(state.balance_log) == 100_000
+    assert len(state.metrics.items) <= 2 * state.metrics.keep
+    assert state.replies.keys() == {99_999} and len(state.recent) <= 4
 
 
-def test_a_new_worker_group_releases_and_refuses_the_old_one():
-    async def scenario():
-        state, _, waiting = await rank0_waits_for_rank1()
-        state.begin(0, 1, None)  # the group was torn down and a new one started
-        with pytest.raises(StaleGeneration):
-            await waiting
-
-    asyncio.run(scenario())
+def test_recent_log_positions_survive_trimming():
+    log = RecentLog(keep=3)
+    for i in range(10):
+        log.append(i)
+    assert len(log) == 10 and log.items == [4, 5, 6, 7, 8, 9]  # trimmed to 3 at the 7th, then grew
+    assert log.since(8) == [8, 9]
+    assert log.since(0) == log.items  # a reader that fell behind gets what is left
+    assert log.since(10) == []

@@ -131,24 +131,69 @@ def test_scale_refuses_impossible_worker_counts(local_ray):
     ray.kill(coord)
 
 
-def test_a_worker_whose_peer_never_sends_its_counts_fails_instead_of_waiting(local_ray, monkeypatch):
-    from moe_ray.runtime import worker
-    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+@ray.remote
+class SilentCoordinator:
+    """A coordinator that takes the counts and never answers."""
 
-    class Model:
-        def get_expert_bias(self):
-            return torch.zeros(2, 8)
+    async def exchange(self, *args):
+        import asyncio
 
-    monkeypatch.setattr(worker, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
-    coord = Coordinator.options(name=coordinator_name("silent-peer"), namespace=COORDINATOR_NAMESPACE).remote(
-        2, 8, {}, 10
-    )
-    generation = ray.get(coord.begin.remote(0, 2, None))
-    rank0 = worker.CoordinatorBias(coord, generation, 0, 2, Model())
-    rank0.submit(0, torch.ones(2, 8, dtype=torch.int64))  # rank 1 never submits
-    with pytest.raises(RuntimeError, match="no bias for step 1 after 1 s: another worker never sent"):
-        rank0.next_bias(0)
-    ray.kill(coord)
+        await asyncio.sleep(3600)
+
+
+class ZeroBiasModel:
+    def get_expert_bias(self):
+        return torch.zeros(2, 8)
+
+
+def _rank1(port: int, outcome) -> None:
+    """Rank 1 of a 2-rank gloo group: it never talks to the coordinator, only to rank 0."""
+    import torch.distributed as dist
+
+    from moe_ray.runtime.bias_client import CoordinatorBias
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    rank1 = CoordinatorBias(None, 1, 1, 2, ZeroBiasModel(), torch.device("cpu"))
+    rank1.submit(0, torch.ones(2, 8, dtype=torch.int64))
+    try:
+        rank1.next_bias(0)
+        outcome.put("got a bias")
+    except RuntimeError as err:
+        outcome.put(str(err))
+    dist.destroy_process_group()
+
+
+def test_when_the_coordinator_never_answers_every_rank_fails_instead_of_waiting(local_ray, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from moe_ray.runtime import bias_client
+
+    monkeypatch.setattr(bias_client, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    outcome = ctx.Queue()
+    other = ctx.Process(target=_rank1, args=(port, outcome))
+    other.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    coord = SilentCoordinator.remote()
+    try:
+        rank0 = bias_client.CoordinatorBias(coord, 1, 0, 2, ZeroBiasModel(), torch.device("cpu"))
+        rank0.submit(0, torch.ones(2, 8, dtype=torch.int64))
+        np.testing.assert_array_equal(rank0.counts, np.full((2, 8), 2))  # summed over both ranks
+        with pytest.raises(RuntimeError, match="no bias for step 1 after 1 s: the coordinator did not answer"):
+            rank0.next_bias(0)
+        assert "rank 0 got no bias for step 1" in outcome.get(timeout=60)
+        other.join(timeout=60)
+    finally:
+        ray.kill(coord)
+        dist.destroy_process_group()
+        if other.is_alive():
+            other.kill()
 
 
 def test_killed_coordinator_comes_back_with_the_same_bias(job, uninterrupted):

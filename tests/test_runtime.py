@@ -8,8 +8,6 @@ from conftest import copy_checkpoint_as_new_run, tiny_job
 
 from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import builtin_corpus
-from moe_ray.parallel.expert_parallel import apply_expert_parallel
-from moe_ray.parallel.groups import ParallelGroups
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
@@ -78,7 +76,6 @@ def shard_for(job, world, rank):
     placement = ExpertPlacement(job.model.moe.n_routed_experts, world, tuple([0] * world))
     # Another seed: every weight must come from disk.
     model = build_model(job.model, job.balance, 123, torch.device("cpu"), placement.local_experts(rank))
-    apply_expert_parallel(model, placement, rank, ParallelGroups(ep=None, replicas=None))
     opt = build_optimizer(model, job.train)
     ckpt.load(job_storage(job) / "ep2" / "step-00000003", model, opt)
     return model, opt

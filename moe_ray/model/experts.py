@@ -136,8 +136,11 @@ class GroupedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Computes in the dtype of `x`: the MoE layer hands in rows already in the autocast dtype,
+        since `torch._grouped_mm` is not autocast-aware (fp32 weights would keep it in fp32)."""
         offsets = torch.cumsum(tokens_per_expert, dim=0)
-        h = grouped_matmul(x, self.w13, offsets, self.use_grouped_mm)
+        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
+        h = grouped_matmul(x, w13, offsets, self.use_grouped_mm)
         if row_weights is None:
             row_weights = h.new_ones(h.shape[0])
-        return grouped_matmul(weighted_swiglu(h, row_weights), self.w2, offsets, self.use_grouped_mm)
+        return grouped_matmul(weighted_swiglu(h, row_weights), w2, offsets, self.use_grouped_mm)

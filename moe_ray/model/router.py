@@ -172,7 +172,8 @@ class Router(nn.Module):
             if self.cfg.score_func == "sigmoid":
                 gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
             gates = gates * self.cfg.routed_scaling_factor
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
+        # index_add_, not bincount: bincount on a GPU waits for the host to size its output.
+        counts = indices.new_zeros(self.n_experts).index_add_(0, indices.flatten(), torch.ones_like(indices.flatten()))
         max_nodes = None
         if self.n_nodes > 1 and indices.numel():
             nodes = self.expert_node[indices].sort(dim=-1).values

@@ -45,7 +45,8 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
         h = self.proj(torch.cat([self.hidden_norm(h_prev), self.embed_norm(emb)], dim=-1))
-        return self.block(h)
+        # Under autocast the projection returns bf16; the residual stream stays in the trunk's dtype.
+        return self.block(h.to(h_prev.dtype))
 
 
 @dataclass

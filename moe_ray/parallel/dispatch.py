@@ -44,6 +44,13 @@ class ExpertParallelDispatcher:
         self.block_sizes = block_sizes  # experts held by each EP rank, contiguous blocks
         self.n_local = block_sizes[ep_rank]
         self.bytes_moved = 0  # activation bytes this rank sent to OTHER ranks, forward + backward
+        self._block_ends: torch.Tensor | None = None  # last expert of each block, on the device
+
+    def block_ends(self, device: torch.device) -> torch.Tensor:
+        # Made once: a host-to-device copy of a Python list makes the host wait for the GPU.
+        if self._block_ends is None or self._block_ends.device != device:
+            self._block_ends = torch.tensor(self.block_sizes).cumsum(0).sub_(1).to(device)
+        return self._block_ends
 
     def __call__(
         self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
@@ -54,14 +61,20 @@ class ExpertParallelDispatcher:
         counts_from = torch.empty(ep * n_local, dtype=counts.dtype, device=counts.device)
         dist.all_to_all_single(counts_from, counts.contiguous(), [n_local] * ep, self.block_sizes, group=self.group)
         counts_from = counts_from.view(ep, n_local)
-        send = [int(c.sum()) for c in counts.split(self.block_sizes)]
-        recv = counts_from.sum(dim=1).tolist()
+        # Rows to and from each rank, brought to the host together: the dispatch's one sync.
+        send_to = torch.diff(counts.cumsum(0)[self.block_ends(counts.device)], prepend=counts.new_zeros(1))
+        sizes = torch.cat([send_to, counts_from.sum(dim=1)]).tolist()
+        send, recv = sizes[:ep], sizes[ep:]
         # Gates ride along as one more column: one collective instead of two, both ways.
         payload = torch.cat([rows, gates.unsqueeze(1).to(rows.dtype)], dim=1)
         received, received_gates = all_to_all(payload, send, recv, self.group).split([rows.shape[1], 1], dim=1)
         received_gates = received_gates.squeeze(1)
         # Received rows are ordered (source rank, local expert); experts need them by expert.
-        expert_of_row = torch.arange(n_local, device=rows.device).repeat(ep).repeat_interleave(counts_from.flatten())
+        expert_of_row = (
+            torch.arange(n_local, device=rows.device)
+            .repeat(ep)
+            .repeat_interleave(counts_from.flatten(), output_size=sum(recv))
+        )
         perm = torch.argsort(expert_of_row, stable=True)
         inverse = inverse_permutation(perm)
         out = experts(

@@ -1,28 +1,28 @@
-"""The coordinator (DESIGN 5.1, 5.2): one async Ray actor per run, the single source of truth
-for the balance bias b.
+"""The coordinator (DESIGN 5.1, 5.2, 10): one Ray actor per run, the single source of truth for
+the balance bias b, its schedule and the load history.
 
-Every worker sends its per-layer expert counts right after its forward pass in a call whose
-answer is the bias of the next step; it only waits for that answer after its optimizer step.
-When the last worker's counts of a step arrive, the coordinator sums them and applies the bias
-rule (DESIGN 3.1) once, so every worker routes the next step with exactly the same bias.
-An async actor is required: a bias request waits for the other workers' counts without
-blocking them.
+One call per step, whatever the worker count: the workers sum their per-layer expert counts over
+the process group (one all-reduce), rank 0 sends the sum in a call whose answer is the bias of the
+next step, and rank 0 broadcasts that answer to every rank. So every rank routes with the same
+bytes by construction; rank 0 also reports the digest of the bias it routed with, which must be
+the coordinator's own.
 
-Workers of one worker-group start share a `generation`; counts from an older generation (a
-worker group that was torn down) are ignored.
+Workers of one worker-group start share a `generation`; a call from an older generation (a
+worker group that was torn down) is refused.
 
 The coordinator lives outside the worker group, so it survives worker restarts. It is itself
-restartable (Ray restarts the actor and retries the calls in flight): a fresh coordinator
-knows no generation, answers the first exchange with NeedsSeed, and the workers re-seed it
-with the bias they all routed with (checked by digest) before exchanging again.
+restartable (Ray restarts the actor and retries the call in flight): a fresh coordinator knows
+no generation, answers the first exchange with NeedsSeed, and rank 0 re-seeds it with the bias
+the group routed with before exchanging again.
 
-Lists the driver reads (metrics, events, load history) only grow; the driver drops repeated
-steps after a restart. `epoch` changes when the actor itself restarts.
+Memory stays bounded over any number of steps: the step metrics and per-step balance figures the
+driver reads are kept for the last `RECENT_STEPS` steps (readers keep absolute positions), and the
+full per-step counts and biases are a reservoir of at most `HISTORY_POINTS` steps that thins
+itself to every 2nd, 4th, ... step as the run grows. `epoch` changes when the actor restarts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -32,6 +32,9 @@ import torch
 
 from moe_ray.balance import bias_update_speed, max_violation, update_bias
 from moe_ray.config import BalanceConfig
+
+RECENT_STEPS = 10_000  # step metrics and balance figures kept for the driver to read
+HISTORY_POINTS = 512  # full per-step load records kept (heatmaps, the study, tests)
 
 
 def bias_digest(bias) -> str:
@@ -49,6 +52,48 @@ class NeedsSeed(Exception):
     """A restarted coordinator that has not yet been given the bias: call `reseed` first."""
 
 
+class RecentLog:
+    """An append-only log that keeps its newest `keep` entries; readers address entries by their
+    absolute position, so dropping old ones never shifts what a reader sees next."""
+
+    def __init__(self, keep: int = RECENT_STEPS):
+        self.keep, self.dropped, self.items = keep, 0, []
+
+    def append(self, item) -> None:
+        self.items.append(item)
+        if len(self.items) > 2 * self.keep:  # trim in bulk: amortised O(1) per append
+            cut = len(self.items) - self.keep
+            del self.items[:cut]
+            self.dropped += cut
+
+    def since(self, position: int) -> list:
+        return self.items[max(0, position - self.dropped) :]
+
+    def __len__(self) -> int:
+        return self.dropped + len(self.items)
+
+
+class ThinningHistory:
+    """Per-step records at most `points` at a time: when full, every other record goes and only
+    steps on the doubled stride are taken from then on, so the records span the whole run evenly."""
+
+    def __init__(self, points: int = HISTORY_POINTS):
+        self.points, self.stride, self.records = points, 1, []
+
+    def add(self, record: dict) -> None:
+        if record["step"] % self.stride:
+            return
+        self.records.append(record)
+        if len(self.records) > self.points:
+            self.stride *= 2
+            self.records = [r for r in self.records if r["step"] % self.stride == 0]
+
+    def latest_per_step(self) -> list[dict]:
+        """Each step once (the latest run of a step after a restart), in step order."""
+        latest = {r["step"]: r for r in self.records}
+        return [latest[s] for s in sorted(latest)]
+
+
 class CoordinatorState:
     """Plain-Python core of the coordinator, usable (and tested) without Ray."""
 
@@ -58,20 +103,15 @@ class CoordinatorState:
         self.bias = torch.zeros(n_layers, n_experts, dtype=torch.float32)
         self.bias_version = 0  # the step this bias is for
         self.recent: dict[int, torch.Tensor] = {0: self.bias}  # version -> bias, the last few
+        self.replies: dict[int, tuple] = {}  # step -> its reply, for a call that is retried
         self.epoch = uuid.uuid4().hex  # new after an actor restart
         self.generation = 0
         self.world_size = 0
-        self.pending: dict[int, dict[int, np.ndarray]] = {}
-        self.done: dict[int, asyncio.Event] = {}
-        self.load_history: list[dict] = []  # per step: summed counts, MaxVio per layer, bias range
-        self.metrics: list[dict] = []  # rank 0's step metrics
-        self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints
+        self.history = ThinningHistory()  # summed counts and bias of each step
+        self.balance_log = RecentLog()  # per step: MaxVio and bias range per layer (small)
+        self.metrics = RecentLog()  # rank 0's step metrics
+        self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints (a few per run)
         self.desired_workers: int | None = None
-        # The worker count asked for when each step's counts were complete: fixed then, so every
-        # worker of that step gets the same answer however late its reply is sent.
-        self.scale_for: dict[int, int | None] = {}
-        # Every worker reports the digest of the bias it routed with; all must equal ours.
-        self.digests: dict[int, set[str]] = {}
         self.bias_checks = 0
         self.bias_mismatches: list[dict] = []
 
@@ -83,12 +123,7 @@ class CoordinatorState:
             self.bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
         self.bias_version = step
         self.recent = {step: self.bias}
-        self.scale_for.clear()
-        self.pending.clear()
-        self.digests.clear()
-        for ev in self.done.values():
-            ev.set()  # release any waiter of the old generation; it will see the new generation
-        self.done.clear()
+        self.replies.clear()
         self.events.append(
             {
                 "event": "start",
@@ -102,75 +137,54 @@ class CoordinatorState:
 
     def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
         """After an actor restart: adopt the workers' generation and the bias they routed `step`
-        with. Every worker calls it; the first one seeds, the others must agree."""
+        with (rank 0 sends it; every rank holds the same, by broadcast)."""
         bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
         if self.generation != generation:
             self.generation, self.world_size = generation, world_size
             self.bias, self.bias_version, self.recent = bias, step, {step: bias}
+            self.replies.clear()
             self.events.append({"event": "coordinator_restart", "step": step, "time": time.time()})
         elif step in self.recent and bias_digest(self.recent[step]) != bias_digest(bias):
             self.bias_mismatches.append({"step": step, "reseed": True})
         return bias_digest(self.recent.get(step, bias))
 
-    def deduped_history(self) -> list[dict]:
-        """The load history with each step once (the latest run of a step after a restart)."""
-        latest = {h["step"]: h for h in self.load_history}
-        return [latest[s] for s in sorted(latest)]
-
-    def _event(self, step: int) -> asyncio.Event:
-        return self.done.setdefault(step, asyncio.Event())
-
-    def submit_counts(
-        self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
-    ) -> None:
+    def exchange(
+        self, generation: int, step: int, counts: np.ndarray, digest: str | None = None
+    ) -> tuple[int, np.ndarray, int | None]:
+        """The group's summed counts of `step` in; out: the bias for step + 1 and the worker count
+        `moe-ray scale` asks for (None: no change), fixed in this one reply for every rank."""
         if self.generation == 0 and generation > 0:
             raise NeedsSeed("the coordinator restarted and has no bias yet")
         if generation != self.generation:
-            return  # a worker of a torn-down group
-        got = self.pending.setdefault(step, {})
-        got[rank] = np.asarray(counts, dtype=np.int64)
-        if digest is not None:
-            self.digests.setdefault(step, set()).add(digest)
-        if len(got) == self.world_size:
-            seen = self.digests.pop(step, set())
-            if seen:
-                self.bias_checks += 1
-                expected = bias_digest(self.recent[step]) if step in self.recent else None
-                if seen != {expected}:
-                    self.bias_mismatches.append({"step": step, "seen": sorted(seen), "expected": expected})
-            total = torch.from_numpy(sum(got.values()))
-            gamma = bias_update_speed(self.balance, step, self.total_steps)
-            self.bias = update_bias(self.bias, total, gamma)
-            self.bias_version = step + 1
-            self.recent[step + 1] = self.bias
-            self.recent.pop(step - 3, None)
-            self.scale_for[step + 1] = self.desired_workers
-            self.scale_for.pop(step - 3, None)
-            vio = max_violation(total)
-            self.load_history.append(
-                {
-                    "step": step,
-                    "counts": total.numpy(),
-                    "max_vio": vio.tolist(),
-                    "bias": self.bias.numpy().copy(),  # the bias for step + 1
-                    "bias_min": self.bias.min(dim=-1).values.tolist(),
-                    "bias_max": self.bias.max(dim=-1).values.tolist(),
-                }
-            )
-            del self.pending[step]
-            self._event(step).set()
-
-    async def get_bias(self, generation: int, step: int) -> tuple[int, np.ndarray, int | None]:
-        """The bias for step + 1, once every worker's counts of `step` are in, and the worker count
-        `moe-ray scale` had asked for at that moment (None: no change)."""
-        if generation != self.generation:
             raise StaleGeneration(f"generation {generation} is over (now {self.generation})")
-        if self.bias_version <= step:
-            await self._event(step).wait()
-            if generation != self.generation:
-                raise StaleGeneration(f"generation {generation} ended while waiting")
-        self.done.pop(step, None)
-        return step + 1, self.recent[step + 1].numpy().copy(), self.scale_for.get(step + 1)
+        if step in self.replies:  # the same call again (retried after a lost reply)
+            return self.replies[step]
+        if step != self.bias_version:
+            raise RuntimeError(f"counts of step {step} arrived, the coordinator's bias is for step {self.bias_version}")
+        if digest is not None:
+            self.bias_checks += 1
+            expected = bias_digest(self.bias)
+            if digest != expected:
+                self.bias_mismatches.append({"step": step, "seen": digest, "expected": expected})
+        total = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+        gamma = bias_update_speed(self.balance, step, self.total_steps)
+        self.bias = update_bias(self.bias, total, gamma)
+        self.bias_version = step + 1
+        self.recent[step + 1] = self.bias
+        self.recent.pop(step - 3, None)
+        vio = max_violation(total)
+        figures = {
+            "step": step,
+            "max_vio": vio.tolist(),
+            "bias_min": self.bias.min(dim=-1).values.tolist(),
+            "bias_max": self.bias.max(dim=-1).values.tolist(),
+        }
+        self.balance_log.append(figures)
+        # the bias in the record is the one for step + 1
+        self.history.add(figures | {"counts": total.numpy(), "bias": self.bias.numpy().copy()})
+        reply = (step + 1, self.bias.numpy().copy(), self.desired_workers)
+        self.replies = {step: reply}
+        return reply
 
 
 COORDINATOR_NAMESPACE = "moe-ray"
@@ -179,7 +193,7 @@ COORDINATOR_NAMESPACE = "moe-ray"
 # Restartable: Ray brings it back after a crash and retries the calls that were in flight.
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Coordinator:
-    """Ray actor around CoordinatorState. Async: a `get_bias` waits without blocking the others."""
+    """Ray actor around CoordinatorState (async, so the driver's polls never queue behind a step)."""
 
     def __init__(self, n_layers: int, n_experts: int, balance: dict, total_steps: int, scale_rule: dict | None = None):
         self.state = CoordinatorState(n_layers, n_experts, balance, total_steps)
@@ -191,13 +205,11 @@ class Coordinator:
         return self.state.begin(step, world_size, bias)
 
     async def exchange(
-        self, generation: int, step: int, rank: int, counts: np.ndarray, digest: str | None = None
+        self, generation: int, step: int, counts: np.ndarray, digest: str | None = None
     ) -> tuple[int, np.ndarray, int | None]:
-        """A worker's counts of `step` in; out, once every worker's counts are in: the bias for
-        step + 1 and the worker count asked for by `moe-ray scale` (None: no change). One call
-        per worker and step: the reply is the only wait."""
-        self.state.submit_counts(generation, step, rank, counts, digest)
-        return await self.state.get_bias(generation, step)
+        """The worker group's summed counts of `step` in (from rank 0); out: the bias for step + 1
+        and the worker count asked for by `moe-ray scale` (None: no change)."""
+        return self.state.exchange(generation, step, counts, digest)
 
     async def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
         return self.state.reseed(generation, step, world_size, bias)
@@ -241,21 +253,24 @@ class Coordinator:
         (self.state.events if "event" in entry else self.state.metrics).append(entry)
 
     async def progress(self, metrics_from: int, events_from: int, history_from: int = 0) -> dict:
+        """What the driver has not read yet: positions count every entry ever recorded."""
         s = self.state
-        light = ("step", "max_vio", "bias_min", "bias_max")
+        latest = s.balance_log.items[-1:] if s.balance_log.items else None
         return {
             "epoch": s.epoch,
             "desired_workers": s.desired_workers,
-            "metrics": s.metrics[metrics_from:],
+            "metrics": s.metrics.since(metrics_from),
             "events": s.events[events_from:],
-            "history": [{k: h[k] for k in light} for h in s.load_history[history_from:]],
+            "history": s.balance_log.since(history_from),
+            "positions": {"metrics": len(s.metrics), "events": len(s.events), "history": len(s.balance_log)},
             "bias_version": s.bias_version,
-            "max_vio": s.load_history[-1]["max_vio"] if s.load_history else None,
+            "max_vio": latest[0]["max_vio"] if latest else None,
         }
 
     async def load_history(self, max_points: int | None = None) -> list[dict]:
-        """The per-step load history; with `max_points`, every k-th step so at most that many."""
-        h = self.state.deduped_history()
+        """The per-step load records (every step of a short run; evenly thinned over a long one);
+        with `max_points`, every k-th record so at most that many."""
+        h = self.state.history.latest_per_step()
         if max_points and len(h) > max_points:
             stride = -(-len(h) // max_points)
             h = h[::stride]

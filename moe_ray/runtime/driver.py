@@ -238,9 +238,8 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
             cursor.epoch = update["epoch"]
             return _poll(coordinator, progress, cursor)
         cursor.epoch = update["epoch"]
-    cursor.metrics += len(update["metrics"])
-    cursor.events += len(update["events"])
-    cursor.history += len(update["history"])
+    positions = update["positions"]
+    cursor.metrics, cursor.events, cursor.history = positions["metrics"], positions["events"], positions["history"]
     before = progress.last
     for ev in update["events"]:
         progress.events.append(ev)

@@ -19,28 +19,22 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import TokenSplits, batch_digest, eval_windows, sample_windows
-from moe_ray.parallel.expert_parallel import apply_expert_parallel
-from moe_ray.parallel.grads import ExpertParallelGradients
-from moe_ray.parallel.groups import build_groups
+from moe_ray.parallel.mesh import build_mesh
+from moe_ray.parallel.parallelize import parallelize
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.coordinator import NeedsSeed, StaleGeneration, bias_digest, get_coordinator
+from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, all_reduce_sum
+from moe_ray.runtime.coordinator import get_coordinator
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
 from moe_ray.train.optim import build_optimizer
-from moe_ray.train.step import train_step
+from moe_ray.train.step import compute_dtype, train_step
 from moe_ray.train.trainer import build_model
 
 log = logging.getLogger("moe_ray.worker")
-
-# Every rank reaches the exchange within one forward pass of the others (the all-to-alls keep
-# them in step), so a reply this late means a rank left the step: fail, and let Ray Train
-# restart the group from its last checkpoint, rather than wait forever.
-COORDINATOR_REPLY_TIMEOUT_S = 600.0
 
 
 def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -49,66 +43,6 @@ def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     count = base + (1 if rank < extra else 0)
     first = rank * base + min(rank, extra)
     return first, count
-
-
-class AllReduceBias:
-    """Diagnostic alternative to the coordinator (used by bench/coordinator.py to price the
-    round trip): all-reduce the counts and apply the bias rule on every rank."""
-
-    def __init__(self, model, balance, total_steps: int, device):
-        self.bias, self.balance, self.total, self.device = model.get_expert_bias().cpu(), balance, total_steps, device
-        self.counts = None
-        self.desired_workers = None
-
-    def submit(self, step: int, counts: torch.Tensor) -> None:
-        self.counts = all_reduce_sum(counts.to(torch.int64), self.device)
-
-    def next_bias(self, step: int) -> torch.Tensor:
-        self.bias = update_bias(self.bias, self.counts, bias_update_speed(self.balance, step, self.total))
-        return self.bias
-
-
-class CoordinatorBias:
-    """BiasSource over the coordinator actor: send the counts in a call that answers with the
-    next bias, and wait for that answer only after the optimizer step (DESIGN 5.2)."""
-
-    def __init__(self, coordinator, generation: int, rank: int, world_size: int, model):
-        self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
-        self.world_size = world_size
-        self.pending = None
-        self.version = None
-        self.desired_workers = None  # set when `moe-ray scale` asks for another worker count
-        self.counts = None
-
-    def submit(self, step: int, counts: torch.Tensor) -> None:
-        self.counts = counts.cpu().numpy()
-        digest = bias_digest(self.model.get_expert_bias().cpu())  # the bias this step routed with
-        self.pending = self.coordinator.exchange.remote(self.generation, step, self.rank, self.counts, digest)
-
-    def next_bias(self, step: int) -> torch.Tensor:
-        try:
-            version, bias, self.desired_workers = ray.get(self.pending, timeout=COORDINATOR_REPLY_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"no bias for step {step + 1} after {COORDINATOR_REPLY_TIMEOUT_S:.0f} s: another worker "
-                "never sent its expert counts for this step"
-            ) from None
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, StaleGeneration):
-                raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
-            if not isinstance(err.cause, NeedsSeed):
-                raise
-            # The coordinator restarted: seed it with the bias this step routed with (the same on
-            # every rank, which it checks), then send the counts again.
-            bias_now = self.model.get_expert_bias().cpu().numpy()
-            ray.get(self.coordinator.reseed.remote(self.generation, step, self.world_size, bias_now))
-            digest = bias_digest(bias_now)
-            retry = self.coordinator.exchange.remote(self.generation, step, self.rank, self.counts, digest)
-            version, bias, self.desired_workers = ray.get(retry)
-        if version != step + 1:
-            raise RuntimeError(f"coordinator returned bias version {version} for step {step + 1}")
-        self.version = version
-        return torch.from_numpy(bias)
 
 
 def all_gather(obj) -> list:
@@ -175,11 +109,15 @@ def restore(ctx: WorkerContext, model, optimizer) -> int:
 
 def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metrics: dict, summary: dict) -> None:
     """Every rank writes its shard; rank 0 adds the dense state and the index; one report."""
+    writes_experts = ctx.rank < ctx.placement.ep_size  # the first EP group holds every expert once
+    # Every rank takes part in gathering FSDP shards; only the writers keep what is gathered.
+    experts = ckpt.expert_tensors(model, optimizer, keep=writes_experts)
+    dense = ckpt.dense_tensors(model, optimizer, keep=ctx.rank == 0)
     with tempfile.TemporaryDirectory(prefix="moe-ray-ckpt-") as tmp:
         folder = Path(tmp)
         files = []
-        if ctx.rank < ctx.placement.ep_size:  # the first EP group holds every expert once
-            files.append(ckpt.write_experts(folder, model, optimizer))
+        if writes_experts:
+            files.append(ckpt.write_experts(folder, model, experts))
         if ctx.rank == 0:
             state = {
                 "step": next_step,
@@ -191,7 +129,7 @@ def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metric
                 "job": ctx.job.model_dump(mode="json"),
                 "summary": summary,
             }
-            files += ckpt.write_dense(folder, model, optimizer, state)
+            files += ckpt.write_dense(folder, dense, state)
         entries = [e for rank_entries in all_gather([ckpt.file_entry(f) for f in files]) for e in rank_entries]
         if ctx.rank == 0:
             ckpt.write_index(folder, entries, next_step)
@@ -213,13 +151,6 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t)
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum over all ranks; moved to the device for NCCL, which cannot reduce CPU tensors."""
-    moved = t.to(device)
-    dist.all_reduce(moved)
-    return moved.cpu()
-
-
 def train_loop_per_worker(config: dict) -> None:
     job = JobSpec.model_validate(config["job"])
     run_name = config["run_name"]
@@ -235,11 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
     node_ids = all_gather(ray.get_runtime_context().get_node_id())
     pids = all_gather(os.getpid())
     placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size_for(world), node_ids)
-    groups = build_groups(placement, rank)
+    mesh = build_mesh(placement, device.type)
     ctx = WorkerContext(job, run_name, rank, world, device, placement)
 
     model = build_model(job.model, job.balance, job.train.seed, device, placement.local_experts(rank))
-    apply_expert_parallel(model, placement, rank, groups)
+    fsdp = job.resources.dense_parallel == "fsdp"
+    grads = parallelize(
+        model, placement, rank, mesh, fsdp=fsdp, compute_dtype=compute_dtype(device, job.train.precision)
+    )
     optimizer = build_optimizer(model, job.train)
     start_step = restore(ctx, model, optimizer)
     generation = None
@@ -253,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
                 {
                     "event": "placement",
                     "step": start_step,
-                    "detail": placement.describe(),
+                    "detail": placement.describe()
+                    + (f"; dense parts sharded over {world} (FSDP)" if fsdp else "; dense parts replicated"),
                     "resumed": start_step > 0,
                     "world_size": world,
                     "pids": pids,
@@ -272,8 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("bias_mode") == "allreduce":
         bias_source = AllReduceBias(model, job.balance, cfg.steps, device)
     else:
-        bias_source = CoordinatorBias(coordinator, generation, rank, world, model)
-    grads = ExpertParallelGradients(model, groups)
+        bias_source = CoordinatorBias(coordinator, generation, rank, world, model, device)
     every = job.checkpoint.every
     multi_node = len(set(placement.node_of_rank)) > 1
     summary: dict = {}

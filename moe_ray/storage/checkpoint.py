@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage.location import Location
@@ -68,20 +69,53 @@ def _dense_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".experts." not in n}
 
 
-def write_experts(folder: Path, model: MoETransformer, optimizer: torch.optim.Optimizer) -> Path:
-    """This rank's routed experts, one tensor per (layer, global expert, weight[, Adam state])."""
+def full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole of `t`. For an FSDP shard (DTensor) this gathers it from its mesh:
+    a collective, so every rank of that mesh must call it, in the same order."""
+    whole = t.full_tensor() if isinstance(t, DTensor) else t
+    return whole.detach().to("cpu", copy=True)
+
+
+def shaped_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `param` is: this rank's shard of it for a DTensor (cut locally, no
+    communication), else `full` itself on param's device and dtype."""
+    full = full.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    return full
+
+
+@torch.no_grad()
+def assign(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into `dst`, which may be this rank's shard of it."""
+    if isinstance(dst, DTensor):
+        dst.to_local().copy_(shaped_like(dst, full).to_local())
+    else:
+        dst.copy_(full)
+
+
+def expert_tensors(model: MoETransformer, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """This rank's routed experts on the CPU, one tensor per (layer, global expert, weight[, Adam
+    state]). Every rank calls it (gathering FSDP-sharded experts is collective); `keep=False`
+    returns nothing (a rank whose experts another rank writes)."""
     tensors = {}
-    experts = _expert_modules(model)
-    for layer, ex in enumerate(experts):
+    for layer, ex in enumerate(_expert_modules(model)):
         for name in ("w13", "w2"):
             param = getattr(ex, name)
             state = optimizer.state.get(param, {})
+            parts = {None: full_cpu(param)} | {s: full_cpu(state[s]) for s in ADAM_STATE if s in state}
+            if not keep:
+                continue
             for i in range(ex.n_experts):
                 key = f"moe.{layer}.expert.{ex.first_expert + i}.{name}"
-                tensors[key] = param.detach()[i].cpu().clone()
-                for s in ADAM_STATE:
-                    if s in state:
-                        tensors[f"{key}.{s}"] = state[s][i].cpu().clone()
+                for s, whole in parts.items():
+                    tensors[key if s is None else f"{key}.{s}"] = whole[i].clone()
+    return tensors
+
+
+def write_experts(folder: Path, model: MoETransformer, tensors: dict) -> Path:
+    """The file of this rank's experts (from `expert_tensors`), named by their global id range."""
+    experts = _expert_modules(model)
     first = experts[0].first_expert if experts else 0
     last = first + (experts[0].n_experts - 1 if experts else 0)
     path = folder / f"experts-{first:05d}-{last:05d}.safetensors"
@@ -89,19 +123,28 @@ def write_experts(folder: Path, model: MoETransformer, optimizer: torch.optim.Op
     return path
 
 
-def write_dense(folder: Path, model: MoETransformer, optimizer: torch.optim.Optimizer, state: dict) -> list[Path]:
-    """Dense weights, buffers (every router's bias), their AdamW state, and state.json."""
+def dense_tensors(model: MoETransformer, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """Dense weights, buffers (every router's bias) and their AdamW state, whole, on the CPU. Every
+    rank calls it (gathering FSDP shards is collective); `keep=False` returns nothing."""
     tensors = {}
     params = _dense_named_parameters(model)
     for name, t in model.state_dict().items():
         if ".experts." not in name:
-            tensors[f"model.{name}"] = t.detach().cpu().clone()
+            whole = full_cpu(t)
+            if keep:
+                tensors[f"model.{name}"] = whole
     for name, p in params.items():
         for s in ADAM_STATE:
             if s in optimizer.state.get(p, {}):
-                tensors[f"optim.{name}.{s}"] = optimizer.state[p][s].cpu().clone()
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(folder / DENSE))
+                whole = full_cpu(optimizer.state[p][s])
+                if keep:
+                    tensors[f"optim.{name}.{s}"] = whole
+    return tensors
+
+
+def write_dense(folder: Path, tensors: dict, state: dict) -> list[Path]:
+    """dense.safetensors (from `dense_tensors`, plus the RNG state) and state.json."""
+    save_file(tensors | {"rng.torch": torch.get_rng_state()}, str(folder / DENSE))
     (folder / STATE).write_text(json.dumps({"format": FORMAT, **state}, indent=2, sort_keys=True))
     return [folder / DENSE, folder / STATE]
 
@@ -159,12 +202,13 @@ def verify(folder: Path, hash_files: set[str] | None = None, sizes: dict[str, in
 
 
 def _set_adam_state(optimizer, param, step: int, values: dict[str, torch.Tensor]) -> None:
+    """Whole AdamW moments of `param` into the optimizer, laid out (sharded) as `param` is."""
     if not values:
         return
     state = optimizer.state[param]
     state["step"] = torch.tensor(float(step))
     for s, v in values.items():
-        state[s] = v.to(param.device, param.dtype)
+        state[s] = shaped_like(param, v)
 
 
 def files_needed(index: dict, model: MoETransformer) -> list[str]:
@@ -206,20 +250,22 @@ def load(
             raise CheckpointError(
                 f"{folder} is for another model shape (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        own = model.state_dict()
-        with torch.no_grad():
-            for name in expected:
-                t = f.get_tensor(f"model.{name}")
-                if t.shape != own[name].shape:
-                    raise CheckpointError(
-                        f"{folder}: {name} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(t)
+        own = model.state_dict()  # FSDP: this rank's shards (DTensors), with the whole shapes
+        for name in expected:
+            t = f.get_tensor(f"model.{name}")
+            if t.shape != own[name].shape:
+                raise CheckpointError(
+                    f"{folder}: {name} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}"
+                )
+            assign(own[name], t)
         if optimizer is not None:
             for name, p in _dense_named_parameters(model).items():
                 vals = {s: f.get_tensor(f"optim.{name}.{s}") for s in ADAM_STATE if f"optim.{name}.{s}" in keys}
                 _set_adam_state(optimizer, p, step, vals)
 
+    # Whole expert blocks are assembled here, then placed into the (possibly sharded) parameters
+    # and optimizer state in one go.
+    blocks: dict[tuple[int, str, str | None], torch.Tensor] = {}
     found: dict[tuple[int, int], int] = {}
     for name in (n for n in needed if n not in (DENSE, STATE)):
         with safe_open(str(folder / name), framework="pt") as f:
@@ -232,24 +278,25 @@ def load(
                     raise CheckpointError(f"{folder}: expert layer {layer} does not exist in this model")
                 ex = experts[layer]
                 i = expert - ex.first_expert
-                if not 0 <= i < ex.n_experts:
+                if not 0 <= i < ex.n_experts or (adam is not None and optimizer is None):
                     continue
                 param = getattr(ex, weight)
-                t = f.get_tensor(key)
+                block = blocks.get((layer, weight, adam))
+                if block is None:
+                    block = blocks[(layer, weight, adam)] = torch.zeros(param.shape, dtype=param.dtype)
+                block[i] = f.get_tensor(key)
                 if adam is None:
-                    with torch.no_grad():
-                        param[i].copy_(t)
                     found[(layer, expert)] = found.get((layer, expert), 0) + 1
-                elif optimizer is not None:
-                    st = optimizer.state[param]
-                    if adam not in st:
-                        st[adam] = torch.zeros_like(param)
-                        st["step"] = torch.tensor(float(step))
-                    st[adam][i].copy_(t)
     for layer, ex in enumerate(experts):
         for i in range(ex.n_experts):
             if found.get((layer, ex.first_expert + i)) != 2:
                 raise CheckpointError(f"{folder}: no weights for layer {layer} expert {ex.first_expert + i}")
+    for (layer, weight, adam), block in blocks.items():
+        param = getattr(experts[layer], weight)
+        if adam is None:
+            assign(param, block)
+        else:
+            _set_adam_state(optimizer, param, step, {adam: block})
     return TrainingState(step=step, extra=state)
 
 

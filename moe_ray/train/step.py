@@ -61,13 +61,17 @@ class StepResult:
     max_nodes: int | None = None  # most nodes any token reached (node-aware routing only)
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 on GPU when precision is auto or bf16, and on CPU when it is bf16; else None (fp32)."""
+    if precision == "bf16" or (device.type == "cuda" and precision == "auto"):
+        return torch.bfloat16
+    return None
+
+
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on GPU when precision is auto or bf16; fp32 elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast to the compute dtype (master weights stay fp32), or nothing for fp32."""
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -105,12 +109,16 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.set_expert_bias(bias.next_bias(step))
+    # One host read for all the step's scalars.
+    loss, lm_loss, mtp_loss, balance_loss = torch.stack(
+        [out.loss, out.lm_loss, out.mtp_loss, out.balance_loss]
+    ).tolist()
     return StepResult(
         step=step,
-        loss=out.loss.item(),
-        lm_loss=out.lm_loss.item(),
-        mtp_loss=out.mtp_loss.item(),
-        balance_loss=out.balance_loss.item(),
+        loss=loss,
+        lm_loss=lm_loss,
+        mtp_loss=mtp_loss,
+        balance_loss=balance_loss,
         grad_norm=float(grad_norm),
         lr=lr,
         tokens=window.shape[0] * (window.shape[1] - 1 - model.cfg.mtp.depth),

@@ -1,0 +1,107 @@
+"""How the workers get each step's bias (DESIGN 5.2, 10): the BiasSource of the Ray workers.
+
+One coordinator call per step for the whole worker group: the per-layer expert counts are summed
+over the process group by one all-reduce right after the forward pass, rank 0 sends the sum to
+the coordinator without waiting, and after the optimizer step rank 0 takes the reply (the next
+bias and any `moe-ray scale` request) and broadcasts it to every rank. All ranks route with the
+same bytes by construction, however many workers there are.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+import torch.distributed as dist
+
+from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.runtime.coordinator import NeedsSeed, StaleGeneration, bias_digest
+
+# The coordinator answers at once (it waits for no other worker), so a reply this late means it is
+# unreachable: fail, and let Ray Train restart the group from its last checkpoint.
+COORDINATOR_REPLY_TIMEOUT_S = 600.0
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum over all ranks; moved to the device for NCCL, which cannot reduce CPU tensors."""
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
+class CoordinatorBias:
+    """BiasSource over the coordinator actor: one all-reduce, one actor call (rank 0), one broadcast."""
+
+    def __init__(self, coordinator, generation: int, rank: int, world_size: int, model, device: torch.device):
+        self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
+        self.world_size, self.device = world_size, device
+        self.pending = None
+        self.counts = None
+        self.desired_workers = None  # set when `moe-ray scale` asks for another worker count
+
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        total = all_reduce_sum(counts.to(torch.int64), self.device)
+        if self.rank == 0:
+            self.counts = total.numpy()
+            digest = bias_digest(self.model.get_expert_bias().cpu())  # the bias this step routed with
+            self.pending = self.coordinator.exchange.remote(self.generation, step, self.counts, digest)
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        shape = tuple(self.model.get_expert_bias().shape)
+        # [version, desired workers (0: no change), bias...] in float64: exact for fp32 and ints.
+        message = torch.zeros(2 + shape[0] * shape[1], dtype=torch.float64, device=self.device)
+        if self.rank == 0:
+            try:
+                version, bias, desired = self._reply(step)
+            except BaseException:
+                message[0] = -1  # tell the other ranks, so they fail now instead of waiting
+                dist.broadcast(message, src=0)
+                raise
+            message[0], message[1] = version, desired or 0
+            message[2:] = torch.from_numpy(bias).flatten().to(message)
+        dist.broadcast(message, src=0)
+        version, desired = (int(v) for v in message[:2].tolist())
+        if version < 0:
+            raise RuntimeError(f"rank 0 got no bias for step {step + 1} from the coordinator (see rank 0's error)")
+        if version != step + 1:
+            raise RuntimeError(f"coordinator returned bias version {version} for step {step + 1}")
+        self.desired_workers = desired or None
+        return message[2:].to(torch.float32).view(shape).cpu()
+
+    def _reply(self, step: int):
+        try:
+            return ray.get(self.pending, timeout=COORDINATOR_REPLY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"no bias for step {step + 1} after {COORDINATOR_REPLY_TIMEOUT_S:.0f} s: the coordinator did not answer"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, StaleGeneration):
+                raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
+            if not isinstance(err.cause, NeedsSeed):
+                raise
+        # The coordinator restarted: seed it with the bias this step routed with, then send the
+        # counts again, under the same time limit as any reply.
+        bias_now = self.model.get_expert_bias().cpu().numpy()
+        ray.get(
+            self.coordinator.reseed.remote(self.generation, step, self.world_size, bias_now),
+            timeout=COORDINATOR_REPLY_TIMEOUT_S,
+        )
+        self.pending = self.coordinator.exchange.remote(self.generation, step, self.counts, bias_digest(bias_now))
+        return self._reply(step)
+
+
+class AllReduceBias:
+    """Diagnostic alternative to the coordinator (used by bench/coordinator.py to price the
+    round trip): all-reduce the counts and apply the bias rule on every rank."""
+
+    def __init__(self, model, balance, total_steps: int, device):
+        self.bias, self.balance, self.total, self.device = model.get_expert_bias().cpu(), balance, total_steps, device
+        self.counts = None
+        self.desired_workers = None
+
+    def submit(self, step: int, counts: torch.Tensor) -> None:
+        self.counts = all_reduce_sum(counts.to(torch.int64), self.device)
+
+    def next_bias(self, step: int) -> torch.Tensor:
+        self.bias = update_bias(self.bias, self.counts, bias_update_speed(self.balance, step, self.total))
+        return self.bias
