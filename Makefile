@@ -11,11 +11,11 @@ TORCH_CPU := torch==2.13.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+	@if $(BIN)/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 9))" 2>/dev/null; then \
 		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
-		$(BIN)/python -m pip install --quiet "torch>=2.8,<2.15"; \
+		$(BIN)/python -m pip install --quiet "torch>=2.9,<2.15"; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
 		$(BIN)/python -m pip install --quiet $(TORCH_CPU); \

@@ -1,52 +1,90 @@
-"""How big a job is: parameters, and the training state each worker holds (DESIGN 5.3).
+"""How big a job is: parameters, and the training state each worker holds (DESIGN 5.3, 10).
 
 Counted on the meta device, so a DeepSeek-V3-sized model is sized without allocating it. Each
-worker holds the dense parts (attention, embeddings, dense FFNs, shared experts, routers: a
-data-parallel replica) plus its block of routed experts, each parameter with its gradient and
-two AdamW moments, all fp32 (bf16 autocast keeps fp32 master weights). Activations come on top.
+parameter costs its fp32 weight, gradient and two AdamW moments (bf16 autocast keeps fp32 master
+weights). A worker holds its block of routed experts (sharded over their replicas too with FSDP)
+and the dense parts: a full replica, or 1/W of them with FSDP (`resources.dense_parallel`).
+Activations come on top.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moe_ray.model.router import routing_limits_problem
 from moe_ray.model.transformer import MoETransformer
+from moe_ray.parallel.parallelize import shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.spec import JobSpec
 
 BYTES_PER_TRAINED_PARAM = 16  # fp32 weight + gradient + AdamW m and v
 GPU_MEMORY_GIB = 80  # the common large accelerator (H100 80 GB); the warning threshold
+SCALE_TABLE = (64, 256, 1024)  # worker counts shown for a job that does not fit at its own
 
 
 @dataclass
 class JobSize:
     total_params: int
     active_params: int  # per token: dense parts + top_k of the routed experts
+    dense_params: int
+    expert_params_per_layer: int  # one routed expert of one layer
+    n_experts: int
+    n_moe_layers: int
     workers: int  # the smallest worker count the job runs with: where a worker holds the most
-    experts_per_worker: int  # the largest block a worker holds at that count
-    worker_params: int
+    ep_size: int | None  # resources.ep_size (None: every worker)
+    fsdp: bool
     gpu: bool
 
+    def experts_per_worker(self, workers: int) -> int:
+        """The largest block of routed experts per layer a worker holds."""
+        return -(-self.n_experts // self._ep(workers)) if self.n_moe_layers else 0
+
     @property
-    def worker_state_gib(self) -> float:
-        return self.worker_params * BYTES_PER_TRAINED_PARAM / 2**30
+    def worker_params(self) -> int:
+        """Parameters a worker builds at the smallest worker count (before any FSDP sharding)."""
+        return self.dense_params + self._expert_params(self.workers)
+
+    def _ep(self, workers: int) -> int:
+        return min(self.ep_size or workers, self.n_experts)
+
+    def _expert_params(self, workers: int) -> int:
+        return self.experts_per_worker(workers) * self.expert_params_per_layer * self.n_moe_layers
+
+    def state_bytes(self, workers: int) -> int:
+        """One worker's weights, gradients and AdamW state at `workers` workers."""
+        if not self.fsdp:
+            return BYTES_PER_TRAINED_PARAM * (self.dense_params + self._expert_params(workers))
+        replicas = max(1, workers // self._ep(workers))
+        held = math.ceil(self.dense_params / workers) + math.ceil(self._expert_params(workers) / replicas)
+        return BYTES_PER_TRAINED_PARAM * held
 
     def lines(self) -> list[str]:
-        state = self.worker_params * BYTES_PER_TRAINED_PARAM
+        layout = "dense parts FSDP-sharded over the workers" if self.fsdp else "dense parts replicated"
+        state = self.state_bytes(self.workers)
         out = [
             f"parameters: {_count(self.total_params)} total, {_count(self.active_params)} active per token",
             f"per worker at {self.workers} worker(s): {_count(self.worker_params)} parameters "
-            f"({self.experts_per_worker} routed experts per layer); {_bytes(state)} of weights, "
-            "gradients and AdamW state, before activations",
+            f"({self.experts_per_worker(self.workers)} routed experts per layer; {layout}); {_bytes(state)} of "
+            "weights, gradients and AdamW state, before activations",
         ]
-        if self.gpu and self.worker_state_gib > GPU_MEMORY_GIB:
+        limit = GPU_MEMORY_GIB * 2**30
+        if self.gpu and state > limit:
+            for w in SCALE_TABLE:
+                need = self.state_bytes(w)
+                ep = self._ep(w)
+                fit = "fits" if need <= limit else "does not fit"
+                out.append(f"  at {w} workers (EP {ep} x DP {w // ep}): {_bytes(need)} per worker, {fit} an 80 GB GPU")
+            advice = (
+                "raise resources.workers (see above)"
+                if self.fsdp
+                else "set resources.dense_parallel: fsdp, or shrink d_model, n_layers or vocab_size"
+            )
             out.append(
-                f"warning: {self.worker_state_gib:.0f} GiB per worker does not fit an {GPU_MEMORY_GIB} GB GPU. "
-                "moe-ray shards only the routed experts; the dense parts are replicated on every worker "
-                "(no tensor or pipeline parallelism), so shrink d_model, n_layers or vocab_size"
+                f"warning: {state / 2**30:.0f} GiB per worker does not fit an {GPU_MEMORY_GIB} GB GPU at "
+                f"{self.workers} workers: {advice}"
             )
         return out
 
@@ -69,17 +107,18 @@ def job_size(job: JobSpec) -> JobSize:
     """Sizes at the job's smallest worker count (where each worker holds the most experts)."""
     with torch.device("meta"):
         counts = MoETransformer(job.model, job.balance).parameter_counts()
-    workers = job.resources.min_workers
-    n_experts = job.model.moe.n_routed_experts
-    per_layer_expert = counts["routed_experts"] // max(1, job.model.n_moe_layers * n_experts)
-    block = -(-n_experts // job.ep_size_for(workers)) if job.model.n_moe_layers else 0
+    n_experts, layers = job.model.moe.n_routed_experts, job.model.n_moe_layers
     dense = counts["total"] - counts["routed_experts"]
     return JobSize(
         total_params=counts["total"],
         active_params=counts["active"],
-        workers=workers,
-        experts_per_worker=block,
-        worker_params=dense + block * per_layer_expert * job.model.n_moe_layers,
+        dense_params=dense,
+        expert_params_per_layer=counts["routed_experts"] // max(1, layers * n_experts),
+        n_experts=n_experts,
+        n_moe_layers=layers,
+        workers=job.resources.min_workers,
+        ep_size=job.resources.ep_size,
+        fsdp=shards_dense(job.resources.dense_parallel, dense),
         gpu=job.resources.use_gpu is not False,
     )
 

@@ -50,8 +50,9 @@ class ResourcesConfig(Strict):
     ep_size: PositiveInt | None = None
     # The dense parts (attention, embeddings, shared experts, routers, norms, MTP): "fsdp" shards
     # them and their optimizer state over all workers (FSDP2); "replicate" keeps a full copy on
-    # every worker (one all-reduce per step: faster for models whose dense part is small).
-    dense_parallel: Literal["fsdp", "replicate"] = "fsdp"
+    # every worker (one all-reduce per step: faster while the dense part is small); "auto": FSDP
+    # once a replica's training state would reach 1 GiB (~67M dense parameters).
+    dense_parallel: Literal["auto", "fsdp", "replicate"] = "auto"
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
     elastic_resize_interval_s: float = Field(60.0, gt=0)  # how often an elastic run looks for more nodes
 

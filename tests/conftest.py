@@ -62,7 +62,9 @@ def tiny_job(storage, **overrides) -> JobSpec:
             "log_every": 1,
             "lr": 1e-2,
         },
-        "resources": {"workers": 2, "cpus_per_worker": 1},
+        # FSDP explicitly: "auto" would replicate a model this small, and the runtime tests must
+        # cover the sharded layout (tests/test_parallel.py checks both against one process).
+        "resources": {"workers": 2, "cpus_per_worker": 1, "dense_parallel": "fsdp"},
         "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
         # Beside the runs, not in the working folder: tests never write into the checkout.
         "tracking": {"uri": f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"},

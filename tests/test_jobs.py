@@ -119,7 +119,7 @@ def test_size_per_worker_equals_the_parameters_a_worker_builds(workers, ep_size,
     from moe_ray.sizing import job_size
     from moe_ray.train.trainer import build_model
 
-    job = tiny_job(tmp_path, resources__workers=workers, resources__ep_size=ep_size)
+    job = tiny_job(tmp_path, resources__workers=workers, resources__ep_size=ep_size, resources__dense_parallel="auto")
     size = job_size(job)
     placement = ExpertPlacement(job.model.moe.n_routed_experts, job.ep_size_for(workers), tuple([0] * workers))
     built = [
@@ -127,6 +127,7 @@ def test_size_per_worker_equals_the_parameters_a_worker_builds(workers, ep_size,
         for local in map(placement.local_experts, range(workers))
     ]
     assert size.worker_params == max(built)  # the rank with the largest block
+    assert not size.fsdp and size.state_bytes(workers) == 16 * max(built)  # "auto" replicates a model this small
     full = build_model(job.model, job.balance, 0, torch.device("cpu"))
     assert size.total_params == sum(p.numel() for p in full.parameters())
 
@@ -138,7 +139,12 @@ def test_validate_sizes_the_v3_job_and_warns_that_it_does_not_fit():
 
     out = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "deepseek-v3"))]).output
     assert re.search(r"# parameters: 6[6-9]\d billion total, \d+(\.\d+)? billion active per token", out)
-    assert re.search(r"# warning: \d+ GiB per worker does not fit an 80 GB GPU", out)
+    assert re.search(r"# warning: \d+ GiB per worker does not fit an 80 GB GPU at 64 workers", out)
+    # Sized as it will run, dense parts FSDP-sharded: where it fits, at 64, 256 and 1024 workers.
+    assert "dense parts FSDP-sharded over the workers" in out
+    table = r"#   at (\d+) workers \(EP \d+ x DP \d+\): [\d.]+ GiB per worker, (fits|does not fit)"
+    fits = dict(re.findall(table, out))
+    assert fits == {"64": "does not fit", "256": "fits", "1024": "fits"}, out
     quick = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "quickstart"))]).output
     assert "# per worker at 2 worker(s)" in quick and "warning" not in quick
 

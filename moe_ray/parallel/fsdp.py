@@ -41,15 +41,16 @@ def apply_fsdp(model: MoETransformer, mesh: ParallelMesh, compute_dtype: torch.d
     for block in blocks:
         shard(block.attn, compute)
         if isinstance(block.ffn, MoELayer):
+            # The router stays in its block's fp32 unit: a unit of its own would return a
+            # RouterOutput, in which FSDP finds no tensor to hook its backward gather on.
             layer = block.ffn
-            shard(layer.router, fp32)
             if layer.shared is not None:
                 shard(layer.shared, compute)
             if not ignored:
                 shard(layer.experts, compute, on=mesh.edp)
         else:
             shard(block.ffn, compute)
-        shard(block, fp32)  # its norms
+        shard(block, fp32)  # its norms and router
     # Embeddings, final norm, head, and the MTP modules' projections and norms: compute_loss uses
     # an MTP module's output norm outside that module's forward, so they live in the root unit.
     shard(model, fp32)

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from moe_ray.data import TokenSplits, batch_digest, eval_windows, sample_windows
+from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
-from moe_ray.parallel.parallelize import parallelize
+from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, all_reduce_sum
 from moe_ray.runtime.coordinator import get_coordinator
@@ -170,7 +171,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = WorkerContext(job, run_name, rank, world, device, placement)
 
     model = build_model(job.model, job.balance, job.train.seed, device, placement.local_experts(rank))
-    fsdp = job.resources.dense_parallel == "fsdp"
+    dense_params = sum(p.numel() for p in split_parameters(model)[0])
+    fsdp = shards_dense(job.resources.dense_parallel, dense_params)
     grads = parallelize(
         model, placement, rank, mesh, fsdp=fsdp, compute_dtype=compute_dtype(device, job.train.precision)
     )
