@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+from common import emit, short_quickstart  # noqa: E402
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig  # noqa: E402
 from moe_ray.parallel.mesh import build_mesh  # noqa: E402
@@ -36,22 +37,10 @@ from moe_ray.train.trainer import build_model  # noqa: E402
 BENCH = "gpu"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
+QUICKSTART = short_quickstart(tempfile.gettempdir(), 1)  # jobs/quickstart.yaml
 MODELS = {
-    # jobs/quickstart.yaml's model and batch
-    "quickstart": (
-        ModelConfig(
-            vocab_size=256,
-            d_model=128,
-            n_heads=4,
-            n_layers=4,
-            n_dense_layers=1,
-            max_seq_len=256,
-            moe=MoEConfig(n_routed_experts=32, expert_hidden=64, top_k=4, n_shared_experts=1),
-            mtp=MTPConfig(depth=1),
-        ),
-        16,
-        128,
-    ),
+    # (model, sequences per step, sequence length)
+    "quickstart": (QUICKSTART.model, QUICKSTART.train.batch_size, QUICKSTART.train.seq_len),
     # ~0.9B active of ~3.2B: DeepSeekMoE shape (2 shared + 6 of 32 routed, 1 dense layer, MTP 1)
     "moe_1b_active": (
         ModelConfig(

@@ -93,22 +93,15 @@ def nccl_group():
 
 
 def expert_parallel_model(fsdp: bool):
-    """The quickstart's shape on one GPU, as a worker lays it out (a one-rank mesh)."""
+    """The quickstart job's model on one GPU, as a worker lays it out (a one-rank mesh)."""
     from moe_ray.parallel.mesh import build_mesh
     from moe_ray.parallel.parallelize import parallelize
     from moe_ray.parallel.placement import ExpertPlacement
+    from moe_ray.spec import load_job
     from moe_ray.train.trainer import build_model
 
-    cfg = ModelConfig(
-        vocab_size=256,
-        d_model=128,
-        n_heads=4,
-        n_layers=4,
-        n_dense_layers=1,
-        max_seq_len=128,
-        moe=MoEConfig(n_routed_experts=16, expert_hidden=64, top_k=4),
-    )
-    placement = ExpertPlacement(16, 1, (0,))
+    cfg = load_job(Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml").model
+    placement = ExpertPlacement(cfg.moe.n_routed_experts, 1, (0,))
     m = build_model(cfg, BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cuda"), placement.local_experts(0))
     grads = parallelize(m, placement, 0, build_mesh(placement, "cuda"), fsdp=fsdp, compute_dtype=torch.bfloat16)
     return m, grads
@@ -118,7 +111,7 @@ def expert_parallel_model(fsdp: bool):
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
 def test_dispatch_syncs_with_the_host_once_per_moe_layer(nccl_group, fsdp):
     model, _ = expert_parallel_model(fsdp)
-    window = torch.randint(0, 256, (4, 129), device="cuda")
+    window = torch.randint(0, 256, (4, 130), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model.compute_loss(window)  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
@@ -151,7 +144,7 @@ def test_bf16_training_step_on_gpu_with_nccl(nccl_group, fsdp):
     from moe_ray.train.step import LocalBias, train_step
 
     torch.manual_seed(1)
-    window = torch.randint(0, 256, (8, 129), device="cuda")
+    window = torch.randint(0, 256, (8, 130), device="cuda")  # seq 128, + next token, + MTP
     losses = {}
     for precision in ("fp32", "bf16"):
         model, grads = expert_parallel_model(fsdp)
