@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpecError, dump_job, load_job
+from moe_ray.spec import JobSpecError, check_run_name, dump_job, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train DeepSeek-style MoE models on Ray.")
 
@@ -32,6 +32,14 @@ def exit_on(*errors: type[Exception], code: int = 1):
 def _load(job_file: str, overrides: list[str] | None):
     with exit_on(JobSpecError, code=2):
         return load_job(job_file, overrides or [])
+
+
+def _run_name(name: str | None, where: str = "--run") -> str | None:
+    """A run name checked by the one rule, before any cluster is contacted (exit 2 if bad)."""
+    if name is not None:
+        with exit_on(JobSpecError, code=2):
+            check_run_name(name, where)
+    return name
 
 
 @app.command()
@@ -62,6 +70,7 @@ def run(
     from moe_ray.storage.s3 import StorageError
 
     job = _load(job_file, set_)
+    run_name = _run_name(run_name)
     reporter = ProgressReporter(job.train.steps, job.train.log_every)
     try:
         result = run_job(
@@ -96,7 +105,7 @@ def checkpoints(
     from moe_ray.storage.catalog import list_checkpoints, run_location
     from moe_ray.storage.catalog import prune as prune_run
 
-    run = run_location(storage, run_name)
+    run = run_location(storage, _run_name(run_name, "RUN_NAME"))
     if prune is not None:
         for c in prune_run(run, prune):
             typer.echo(f"deleted {c.name}")
@@ -122,11 +131,12 @@ def scale(
 
     from moe_ray.runtime.driver import RunError, request_scale
 
+    _run_name(run, "RUN")
     if run.startswith("moe-ray-") and address and address.startswith("http"):
         # A submitted job: its coordinator lives in the cluster; ask from a small job there.
         from moe_ray.submit import SubmitError, scale_submitted
 
-        with exit_on(SubmitError):
+        with exit_on(SubmitError, JobSpecError):
             sub = scale_submitted(address, run, workers)
         typer.echo(f"scale request for {run} sent ({sub})")
         return
@@ -146,22 +156,36 @@ def scale(
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
 
 
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(help="The tokenizer.json the model was trained with (needed unless it used byte tokens)."),
+]
+
+
 @app.command(name="eval")
 def eval_checkpoint(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
     data: Annotated[
-        str | None, typer.Option(help="Validation data (as data.source); default: the job's own data.")
+        str | None,
+        typer.Option(help="Validation data (as data.source); default: the built-in corpus if trained on it."),
     ] = None,
+    tokenizer: TokenizerOpt = None,
     batches: Annotated[int | None, typer.Option(help="Validation batches (default: the job's).")] = None,
 ) -> None:
     """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
-    from moe_ray.inference import evaluate_checkpoint, load_model
+    from moe_ray.inference import evaluate_checkpoint, load_model, path_named_by
     from moe_ray.runtime.data_loading import DataError, load_token_splits
     from moe_ray.storage.checkpoint import CheckpointError
 
     with exit_on(CheckpointError, DataError):
         loaded = load_model(checkpoint)
-        data_cfg = loaded.job.data if data is None else loaded.job.data.model_copy(update={"source": data})
+        trained = loaded.job.data
+        data_cfg = trained.model_copy(
+            update={
+                "source": path_named_by(loaded, "data", trained.source, data, "--data"),
+                "tokenizer": path_named_by(loaded, "tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
+            }
+        )
         if data_cfg.source != "builtin":
             import ray
 
@@ -184,15 +208,17 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 40,
     seed: Annotated[int, typer.Option(help="The same seed gives the same text.")] = 0,
+    tokenizer: TokenizerOpt = None,
 ) -> None:
     """Continue a prompt with a trained model (KV cache, the trained routing bias)."""
-    from moe_ray.inference import Tokenizer, load_model
+    from moe_ray.inference import Tokenizer, load_model, path_named_by
     from moe_ray.inference import generate as sample
     from moe_ray.storage.checkpoint import CheckpointError
 
     with exit_on(CheckpointError):
         loaded = load_model(checkpoint)
-    tok = Tokenizer(loaded.job.data.tokenizer)
+        spec = path_named_by(loaded, "tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
+    tok = Tokenizer(spec)
     ids = tok.encode(prompt)
     used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
     if len(used) < len(ids):
@@ -224,6 +250,7 @@ def submit(
     from moe_ray.submit import submit as do_submit
 
     job = _load(job_file, set_)
+    run_name = _run_name(run_name)
     with exit_on(SubmitError):
         out = do_submit(job, address, run_name)
     typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")

@@ -6,7 +6,6 @@ id). Routing uses the trained bias, which the checkpoint carries in every router
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 
 from moe_ray.data import TokenSplits, decode_bytes, encode_bytes, eval_windows
 from moe_ray.model.transformer import MoETransformer
-from moe_ray.spec import JobSpec
+from moe_ray.spec import JobSpec, JobSpecError, parse_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.trainer import build_model, default_device
@@ -28,14 +27,33 @@ class LoadedModel:
 
 
 def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
+    """The model of a checkpoint, built from its state.json only after the index has vouched for
+    that file, and only from a job that validates as a job file would."""
     device = device or default_device()
     with ckpt.local_checkpoint(uri) as folder:
-        state = json.loads((folder / ckpt.STATE).read_text())
-        job = JobSpec.model_validate(state["job"])
+        state = ckpt.read_state(folder)
+        try:
+            job = parse_job(state.get("job"), f"{uri} ({ckpt.STATE})")
+        except JobSpecError as err:
+            raise ckpt.CheckpointError(str(err)) from None
         model = build_model(job.model, job.balance, job.train.seed, device)
         loaded = ckpt.load(folder, model, None)
     model.eval()
     return LoadedModel(model=model, job=job, step=loaded.step)
+
+
+def path_named_by(loaded: LoadedModel, what: str, value: str, given: str | None, option: str) -> str:
+    """The data source or tokenizer to read: the one the user gave, or the checkpoint's own when it
+    is built in (`builtin`, `bytes`). moe-ray never opens a path or URI just because a checkpoint
+    names it: the user repeats it."""
+    if given is not None:
+        return given
+    if value in ("builtin", "bytes"):
+        return value
+    raise ckpt.CheckpointError(
+        f"the checkpoint's job reads its {what} from {value!r}; moe-ray does not open paths named inside a "
+        f"checkpoint on its own: pass {option} {value} (or another) to use it"
+    )
 
 
 class Tokenizer:

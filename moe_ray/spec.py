@@ -82,8 +82,22 @@ class TrackingConfig(Strict):
     log_model: bool = False  # also upload the final checkpoint's files as the run's `model/` artifacts
 
 
+# One rule for job and run names, wherever they enter (job files, --run, moe-ray scale, the
+# cluster's metadata): they become folder names, actor names and command-line arguments.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def check_run_name(name: str, where: str = "--run") -> str:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise JobSpecError(
+            where,
+            [(where, f"{name!r} is not a valid run name: use letters, digits, '_', '.' and '-' (up to 100)")],
+        )
+    return name
+
+
 class JobSpec(Strict):
-    name: str = Field("moe-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    name: str = Field("moe-job", pattern=NAME_PATTERN)
     model: ModelConfig = Field(default_factory=ModelConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -293,9 +307,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     if not path.is_file():
         raise JobSpecError(str(path), [("(file)", "no such job file")])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise JobSpecError(str(path), [("(yaml)", str(err))]) from None
+    if data is None:
+        raise JobSpecError(str(path), [("(job)", "the job file is empty: start from jobs/quickstart.yaml")])
     if not isinstance(data, dict):
         raise JobSpecError(str(path), [("(job)", "a job file must be a YAML mapping of sections")])
     # Secrets are looked for before interpolation: a ${VAR} reference in the file is fine.

@@ -9,13 +9,14 @@ Ray client sends it; it is never printed or logged.
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import uuid
 from pathlib import Path
 
 import moe_ray
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, default_run_name, dump_job
+from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job
 
 # Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
 # are NOT forwarded: the cluster's nodes must have their own (instance role, secret, env).
@@ -59,9 +60,20 @@ def _first_line(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
+def run_entrypoint(run_name: str) -> str:
+    """The cluster's command line of a submitted run, every argument quoted."""
+    return shlex.join(["python", "-m", "moe_ray.cli", "run", "job.yaml", "--address", "auto", "--run", run_name])
+
+
+def scale_entrypoint(run_name: str, workers: int) -> str:
+    return shlex.join(
+        ["python", "-m", "moe_ray.cli", "scale", run_name, "--workers", str(int(workers)), "--address", "auto"]
+    )
+
+
 def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
     """Submit `job`; returns {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
-    run_name = run_name or default_run_name(job)
+    run_name = check_run_name(run_name) if run_name else default_run_name(job)
     submission_id = f"moe-ray-{run_name}-{uuid.uuid4().hex[:6]}"
     mlflow_run_id, link = _precreate_mlflow_run(job, run_name, submission_id)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -72,7 +84,7 @@ def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
         jobs = client(address)
         try:
             jobs.submit_job(
-                entrypoint=f"python -m moe_ray.cli run job.yaml --address auto --run {run_name}",
+                entrypoint=run_entrypoint(run_name),
                 submission_id=submission_id,
                 runtime_env={
                     "working_dir": tmp,
@@ -127,10 +139,11 @@ def scale_submitted(address: str, submission_id: str, workers: int) -> str:
     run_name = (info.metadata or {}).get("moe_ray.run")
     if not run_name:
         raise SubmitError(f"{submission_id} is not a moe-ray job")
+    check_run_name(run_name, "the job's moe_ray.run metadata")
     if info.status.is_terminal():
         raise SubmitError(f"{submission_id} has ended ({info.status.value}); nothing to scale")
     helper = jobs.submit_job(
-        entrypoint=f"python -m moe_ray.cli scale {run_name} --workers {int(workers)} --address auto",
+        entrypoint=scale_entrypoint(run_name, workers),
         runtime_env={"py_modules": [str(Path(moe_ray.__file__).parent)]},
         metadata={"moe_ray.scale_of": submission_id},
     )

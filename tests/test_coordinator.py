@@ -10,6 +10,7 @@ from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.config import BalanceConfig
 from moe_ray.runtime.coordinator import (
     HISTORY_POINTS,
+    BiasMismatch,
     CoordinatorState,
     NeedsSeed,
     RecentLog,
@@ -54,11 +55,18 @@ def test_a_scale_request_arrives_in_the_next_reply_and_a_retry_gets_the_same_rep
         state.exchange(gen, 5, counts(5))  # a step was skipped: refuse rather than misapply
 
 
-def test_a_wrong_bias_digest_is_recorded():
+def test_a_wrong_bias_digest_stops_the_run():
     state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
     gen = state.begin(0, 2, None)
-    state.exchange(gen, 0, counts(0), bias_digest(np.ones((LAYERS, EXPERTS))))
-    assert state.bias_mismatches and state.bias_mismatches[0]["step"] == 0
+    state.exchange(gen, 0, counts(0), bias_digest(torch.zeros(LAYERS, EXPERTS)))
+    with pytest.raises(BiasMismatch, match="routed step 1 with a bias .* other than the coordinator's"):
+        state.exchange(gen, 1, counts(1), bias_digest(np.ones((LAYERS, EXPERTS))))
+    assert state.bias_mismatches and state.bias_mismatches[0]["step"] == 1
+    # Nothing goes on: not this group, and not a group restarted from a checkpoint by Ray Train.
+    with pytest.raises(BiasMismatch, match="--resume"):
+        state.exchange(gen, 1, counts(1))
+    with pytest.raises(BiasMismatch):
+        state.begin(1, 2, None)
 
 
 def test_a_new_worker_group_refuses_the_old_one_and_a_restart_asks_for_a_seed():

@@ -196,6 +196,68 @@ def test_when_the_coordinator_never_answers_every_rank_fails_instead_of_waiting(
             other.kill()
 
 
+@ray.remote
+class RestartedSilentCoordinator:
+    """A coordinator that restarted (asks for a seed), takes the seed, then never answers."""
+
+    async def exchange(self, *args):
+        import asyncio
+
+        from moe_ray.runtime.coordinator import NeedsSeed
+
+        if not hasattr(self, "seeded"):
+            raise NeedsSeed("restarted")
+        await asyncio.sleep(3600)
+
+    async def reseed(self, *args):
+        self.seeded = True
+        return "digest"
+
+
+def test_the_retry_after_a_coordinator_restart_has_the_same_time_limit(local_ray, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from moe_ray.runtime import bias_client
+
+    monkeypatch.setattr(bias_client, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    coord = RestartedSilentCoordinator.remote()
+    try:
+        rank0 = bias_client.CoordinatorBias(coord, 1, 0, 1, ZeroBiasModel(), torch.device("cpu"))
+        rank0.submit(0, torch.ones(2, 8, dtype=torch.int64))
+        with pytest.raises(RuntimeError, match="no bias for step 1 after 1 s"):
+            rank0.next_bias(0)
+    finally:
+        ray.kill(coord)
+        dist.destroy_process_group()
+
+
+def test_scale_accepts_data_parallel_replicas_beyond_the_experts_with_ep_size(local_ray, tmp_path):
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+    from moe_ray.runtime.driver import RunError, scale_limits
+
+    # 8 experts, EP groups of 2, 32 sequences a step: 12 workers are 6 replicas of each block.
+    job = tiny_job(tmp_path, resources__workers=4, resources__ep_size=2, train__batch_size=32)
+    coord = Coordinator.options(name=coordinator_name("dp-scale"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10, scale_limits(job)
+    )
+    try:
+        assert request_scale("dp-scale", 12)["workers"] == 12
+        with pytest.raises(RunError, match="ep_size=2 must divide it"):
+            request_scale("dp-scale", 13)
+        with pytest.raises(RunError, match="allows 1 to 32"):
+            request_scale("dp-scale", 34)
+    finally:
+        ray.kill(coord)
+    # Without ep_size every worker holds distinct experts: no more workers than experts.
+    assert scale_limits(tiny_job(tmp_path))["max"] == 8
+
+
 def test_killed_coordinator_comes_back_with_the_same_bias(job, uninterrupted):
     state = {}
 

@@ -152,3 +152,20 @@ def test_tampered_checkpoint_is_refused(ep2_run, storage, tmp_path):
     (folder / ckpt.INDEX).unlink()
     with pytest.raises(ckpt.CheckpointError, match="never completed"):
         ckpt.verify(folder)
+
+
+def test_checkpoint_damaged_for_one_rank_only_makes_every_rank_fall_back(ep2_run, job, storage):
+    """Rank 1's expert file of the newest checkpoint is altered (same size): rank 0 could load
+    that checkpoint, rank 1 cannot. All ranks must resume from step 3 together and re-run
+    steps 3-5 exactly as the uninterrupted run did."""
+    copy_checkpoint_as_new_run(storage, "ep2", "step-00000003", "damaged")
+    copy_checkpoint_as_new_run(storage, "ep2", "step-00000006", "damaged")
+    victim = storage / "damaged" / "step-00000006" / "experts-00004-00007.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = run_job(job, resume="damaged")
+    placement = [e for e in result.progress.events if e.get("event") == "placement"]
+    assert [p["step"] for p in placement] == [3], placement  # one start, at the older checkpoint
+    uninterrupted = [m["loss"] for m in ep2_run.progress.metrics[3:]]
+    np.testing.assert_allclose([m["loss"] for m in result.progress.metrics], uninterrupted, rtol=2e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ray.balance import bias_update_speed, update_bias
-from moe_ray.runtime.coordinator import NeedsSeed, StaleGeneration, bias_digest
+from moe_ray.runtime.coordinator import BiasMismatch, NeedsSeed, StaleGeneration, bias_digest
 
 # The coordinator answers at once (it waits for no other worker), so a reply this late means it is
 # unreachable: fail, and let Ray Train restart the group from its last checkpoint.
@@ -77,6 +77,8 @@ class CoordinatorBias:
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, StaleGeneration):
                 raise RuntimeError(f"the coordinator moved on to a new worker group: {err.cause}") from None
+            if isinstance(err.cause, BiasMismatch):
+                raise RuntimeError(str(err.cause)) from None
             if not isinstance(err.cause, NeedsSeed):
                 raise
         # The coordinator restarted: seed it with the bias this step routed with, then send the

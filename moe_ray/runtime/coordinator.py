@@ -52,6 +52,11 @@ class NeedsSeed(Exception):
     """A restarted coordinator that has not yet been given the bias: call `reseed` first."""
 
 
+class BiasMismatch(Exception):
+    """The workers routed with another bias than the coordinator's: the run cannot go on, since
+    its balance state is no longer one thing. Every later call of the run gets this too."""
+
+
 class RecentLog:
     """An append-only log that keeps its newest `keep` entries; readers address entries by their
     absolute position, so dropping old ones never shifts what a reader sees next."""
@@ -114,9 +119,15 @@ class CoordinatorState:
         self.desired_workers: int | None = None
         self.bias_checks = 0
         self.bias_mismatches: list[dict] = []
+        self.fatal: str | None = None  # set by a bias mismatch: the run stops
+
+    def _refuse_if_fatal(self) -> None:
+        if self.fatal:
+            raise BiasMismatch(self.fatal)
 
     def begin(self, step: int, world_size: int, bias: np.ndarray | None) -> int:
         """A worker group (re)starts at `step`; `bias` is the bias its checkpoint holds."""
+        self._refuse_if_fatal()
         self.generation += 1
         self.world_size = world_size
         if bias is not None:
@@ -146,6 +157,8 @@ class CoordinatorState:
             self.events.append({"event": "coordinator_restart", "step": step, "time": time.time()})
         elif step in self.recent and bias_digest(self.recent[step]) != bias_digest(bias):
             self.bias_mismatches.append({"step": step, "reseed": True})
+            self.fatal = f"after a coordinator restart the workers' bias for step {step} differs from the coordinator's"
+            raise BiasMismatch(self.fatal)
         return bias_digest(self.recent.get(step, bias))
 
     def exchange(
@@ -153,6 +166,7 @@ class CoordinatorState:
     ) -> tuple[int, np.ndarray, int | None]:
         """The group's summed counts of `step` in; out: the bias for step + 1 and the worker count
         `moe-ray scale` asks for (None: no change), fixed in this one reply for every rank."""
+        self._refuse_if_fatal()
         if self.generation == 0 and generation > 0:
             raise NeedsSeed("the coordinator restarted and has no bias yet")
         if generation != self.generation:
@@ -166,6 +180,13 @@ class CoordinatorState:
             expected = bias_digest(self.bias)
             if digest != expected:
                 self.bias_mismatches.append({"step": step, "seen": digest, "expected": expected})
+                self.fatal = (
+                    f"the workers routed step {step} with a bias (digest {digest}) other than the coordinator's "
+                    f"({expected}): the balance state is inconsistent, so the run stops. Resume it from its last "
+                    "checkpoint (moe-ray run JOB --resume), which restores one bias for every worker"
+                )
+                self.events.append({"event": "bias_mismatch", "step": step, "time": time.time()})
+                raise BiasMismatch(self.fatal)
         total = torch.as_tensor(np.asarray(counts, dtype=np.int64))
         gamma = bias_update_speed(self.balance, step, self.total_steps)
         self.bias = update_bias(self.bias, total, gamma)

@@ -21,7 +21,7 @@ from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, WorkerRange, default_run_name
+from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location
 from moe_ray.storage.location import Location
@@ -86,11 +86,26 @@ def prepare_storage(job: JobSpec) -> Location:
     return loc
 
 
+def scale_limits(job: JobSpec) -> dict:
+    """What `moe-ray scale` may ask of this run: at most one worker per sequence of a step, and
+    without `ep_size` (pure expert parallelism) at most one per routed expert; with it, any
+    multiple of `ep_size` (data-parallel replicas beyond the number of experts included). An
+    elastic run is sized by Ray Train instead."""
+    res = job.resources
+    n_experts, batch = job.model.moe.n_routed_experts, job.train.batch_size
+    return {
+        "max": batch if res.ep_size else min(n_experts, batch),
+        "ep_size": res.ep_size,
+        "elastic": (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else None,
+    }
+
+
 def resolve_run_name(job: JobSpec, resume: str | bool | None, run_name: str | None) -> str:
     """A fresh, unique name; or, with `resume`, the named run or the newest run of this job."""
     if not resume:
-        return run_name or default_run_name(job)
+        return check_run_name(run_name) if run_name else default_run_name(job)
     if isinstance(resume, str):
+        check_run_name(resume, "--resume")
         if not list_checkpoints(run_location(job.checkpoint.storage, resume)):
             raise RunError(f"--resume {resume}: no checkpoints under {run_location(job.checkpoint.storage, resume)}")
         return resume
@@ -258,11 +273,7 @@ def _run(
     log.warning("data: %s", redact(description))
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
-    scale_rule = {
-        "max": min(job.model.moe.n_routed_experts, job.train.batch_size),
-        "ep_size": res.ep_size,
-        "elastic": workers if isinstance(workers, tuple) else None,
-    }
+    scale_rule = scale_limits(job)
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
     # node that may be lost (it would survive that too, by restarting and re-seeding).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)

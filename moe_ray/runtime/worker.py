@@ -81,30 +81,31 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
 
 
 def restore(ctx: WorkerContext, model, optimizer) -> int:
-    """Load the newest checkpoint that verifies into model and optimizer; the next step (0 for a
-    fresh run)."""
+    """Load the newest checkpoint that EVERY rank can load into model and optimizer; the next step
+    (0 for a fresh run). Ranks read different files (their own experts), so one rank may find a
+    checkpoint damaged that another loads: the ranks decide on each candidate together, and all
+    fall back to the same older one."""
     initial = None
     for candidate in _candidate_checkpoints(ctx.job, ctx.run_name):
         if initial is None:  # a checkpoint that fails half-way must not leave half-loaded weights
             initial = {k: v.clone() for k, v in model.state_dict().items()}
+        problem, step = None, None
         try:
             # Only this rank's experts' files are downloaded from remote storage.
             with ckpt.fetch(candidate.path, candidate.filesystem, model) as (folder, sizes):
-                state = ckpt.load(folder, model, optimizer, sizes)
-                torch.set_rng_state(ckpt.load_rng(folder))
+                step = ckpt.load(folder, model, optimizer, sizes).step
+                rng = ckpt.load_rng(folder)
         except (ckpt.CheckpointError, OSError) as err:
-            log.warning("skipping checkpoint %s: %s", candidate.path, err)
-            model.load_state_dict(initial)
-            optimizer.state.clear()
-            continue
-        # Every rank must agree on which checkpoint it resumed from.
-        steps = all_gather(state.step)
-        if len(set(steps)) != 1:
-            raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
-        return state.step
-    steps = all_gather(0)
-    if len(set(steps)) != 1:
-        raise RuntimeError(f"workers resumed from different checkpoints: steps {steps}")
+            problem = str(err)
+        outcomes = all_gather((problem, step))
+        failed = [(rank, p) for rank, (p, _) in enumerate(outcomes) if p is not None]
+        if not failed and len({s for _, s in outcomes}) == 1:
+            torch.set_rng_state(rng)
+            return step
+        why = "; ".join(f"rank {rank}: {p}" for rank, p in failed) or f"steps differ: {outcomes}"
+        log.warning("skipping checkpoint %s (every rank skips it): %s", candidate.path, why)
+        model.load_state_dict(initial)
+        optimizer.state.clear()
     return 0
 
 

@@ -201,6 +201,23 @@ def verify(folder: Path, hash_files: set[str] | None = None, sizes: dict[str, in
     return index
 
 
+def read_state(folder: Path) -> dict:
+    """state.json, once the index vouches for it (present, listed, size and sha256): nothing in it
+    is used before."""
+    folder = Path(folder)
+    index = read_index(folder)
+    if STATE not in {e["name"] for e in index["files"]}:
+        raise CheckpointError(f"{folder}: {STATE} is not listed in the index")
+    check_sizes(str(folder), {"files": [e for e in index["files"] if e["name"] == STATE]}, local_sizes(folder, index))
+    entry = next(e for e in index["files"] if e["name"] == STATE)
+    if sha256_file(folder / STATE) != entry["sha256"]:
+        raise CheckpointError(f"{folder}: {STATE} does not match its sha256 in the index")
+    try:
+        return json.loads((folder / STATE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder}/{STATE} is not valid JSON: {err}") from None
+
+
 def _set_adam_state(optimizer, param, step: int, values: dict[str, torch.Tensor]) -> None:
     """Whole AdamW moments of `param` into the optimizer, laid out (sharded) as `param` is."""
     if not values:

@@ -1,0 +1,100 @@
+"""Bad input is refused before it does harm (issue: hardening): empty job files, run names that
+would reach a shell, checkpoints whose state.json was altered, paths a checkpoint names."""
+
+import json
+import re
+import shlex
+
+import pytest
+import torch
+from conftest import tiny_job
+from typer.testing import CliRunner
+
+from moe_ray.cli import app
+from moe_ray.storage import checkpoint as ckpt
+from moe_ray.train.optim import build_optimizer
+from moe_ray.train.trainer import build_model
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "- a list\n- of things\n", "just a string\n"])
+def test_empty_or_non_mapping_job_file_is_refused(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    out = CliRunner().invoke(app, ["validate", str(path)])
+    assert out.exit_code == 2, out.output
+    assert re.search(r"the job file is empty|must be a YAML mapping", out.output), out.output
+
+
+BAD_NAME = "x; touch /tmp/pwned #"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "jobs/quickstart.yaml", "--run", BAD_NAME],
+        ["submit", "jobs/quickstart.yaml", "--run", BAD_NAME, "--address", "http://127.0.0.1:9"],
+        ["scale", BAD_NAME, "--workers", "2", "--address", "http://127.0.0.1:9"],
+        ["checkpoints", "../" + "etc"],
+    ],
+    ids=["run", "submit", "scale", "checkpoints"],
+)
+def test_run_names_with_shell_syntax_are_refused_before_any_cluster(argv):
+    import ray
+
+    out = CliRunner().invoke(app, argv)
+    assert out.exit_code == 2, out.output  # 1 would mean it went on and failed to reach the cluster
+    assert "is not a valid run name" in out.output
+    assert not ray.is_initialized()
+
+
+def test_cluster_command_lines_quote_their_arguments():
+    from moe_ray.submit import run_entrypoint, scale_entrypoint
+
+    # Quoted even if a name got past the rule: each argument stays one argument.
+    assert shlex.split(run_entrypoint(BAD_NAME))[-1] == BAD_NAME
+    assert shlex.split(scale_entrypoint(BAD_NAME, 3))[4] == BAD_NAME
+
+
+def write_checkpoint(folder, job):
+    """A real checkpoint of one process's model after one step, as the workers write it."""
+    model = build_model(job.model, job.balance, 0, torch.device("cpu"))
+    opt = build_optimizer(model, job.train)
+    model.compute_loss(torch.randint(0, 256, (2, 34))).loss.backward()
+    opt.step()
+    folder.mkdir(parents=True)
+    files = [ckpt.write_experts(folder, model, ckpt.expert_tensors(model, opt))]
+    state = {"step": 1, "job": job.model_dump(mode="json")}
+    files += ckpt.write_dense(folder, ckpt.dense_tensors(model, opt), state)
+    ckpt.write_index(folder, [ckpt.file_entry(f) for f in files], 1)
+    return folder
+
+
+def test_altered_state_json_is_refused_before_the_model_is_built(tmp_path):
+    from moe_ray.inference import load_model
+
+    folder = write_checkpoint(tmp_path / "step-1", tiny_job(tmp_path))
+    assert load_model(str(folder), torch.device("cpu")).step == 1
+    state = json.loads((folder / ckpt.STATE).read_text())
+    state["job"]["model"]["n_heads"] = 5  # a model no one trained (and not even a valid one)
+    (folder / ckpt.STATE).write_text(json.dumps(state, indent=2, sort_keys=True))  # same size: the hash must tell
+    with pytest.raises(ckpt.CheckpointError, match="state.json does not match its sha256"):
+        load_model(str(folder), torch.device("cpu"))
+    out = CliRunner().invoke(app, ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2"])
+    assert out.exit_code == 1 and "does not match its sha256" in out.output
+
+
+def test_paths_named_inside_a_checkpoint_are_not_opened_unless_given(tmp_path):
+    victim = tmp_path / "not-for-you.json"
+    victim.write_text("{}")
+    job = tiny_job(tmp_path, data__tokenizer=str(victim), data__source=str(tmp_path / "corpus"))
+    folder = write_checkpoint(tmp_path / "step-1", job)
+    gen = CliRunner().invoke(app, ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2"])
+    assert gen.exit_code == 1 and f"--tokenizer {victim}" in gen.output, gen.output
+    ev = CliRunner().invoke(app, ["eval", str(folder), "--tokenizer", "bytes"])
+    assert ev.exit_code == 1 and "does not open paths named inside a checkpoint" in ev.output
+    assert "--data" in ev.output
+    # Given explicitly, it is used (here: byte tokens).
+    ok = CliRunner().invoke(
+        app, ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2", "--tokenizer", "bytes"]
+    )
+    assert ok.exit_code == 0, ok.output
