@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
 from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
-from moe_ray.secrets import looks_secret_key, secret_value_kind
+from moe_ray.secrets import looks_secret_key, redact, secret_value_kind
 
 
 class DataConfig(Strict):
@@ -105,6 +105,10 @@ class JobSpec(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Set by load_job: the values that came from the environment through ${VAR} (dotted path ->
+    # the reference as written), and the credentials among them, masked in everything written.
+    _env_refs: dict[str, str] = PrivateAttr(default_factory=dict)
+    _credentials: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
@@ -237,22 +241,29 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate_env(data, path: str = "") -> tuple[object, list[tuple[str, str]]]:
-    """Replace ${VAR} and ${VAR:-default} in string values from the environment."""
+def interpolate_env(data, path: str = "", refs: dict | None = None, credentials: set | None = None):
+    """Replace ${VAR} and ${VAR:-default} in string values from the environment. `refs` collects
+    {dotted path: the value as written} of every value that had a reference; `credentials` the
+    values of variables whose names say they are credentials (MLFLOW_PASSWORD, HF_TOKEN, ...)."""
     problems: list[tuple[str, str]] = []
+    refs = {} if refs is None else refs
+    credentials = set() if credentials is None else credentials
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
-            out[k], p = interpolate_env(v, f"{path}.{k}" if path else str(k))
+            out[k], p = interpolate_env(v, f"{path}.{k}" if path else str(k), refs, credentials)
             problems += p
         return out, problems
     if isinstance(data, list):
-        items = [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(data)]
+        items = [interpolate_env(v, f"{path}[{i}]", refs, credentials) for i, v in enumerate(data)]
         return [v for v, _ in items], [p for _, ps in items for p in ps]
     if isinstance(data, str) and "${" in data:
+        refs[path] = data
 
         def sub(m):
             value = os.environ.get(m[1], m[2])
+            if value and looks_secret_key(m[1]):
+                credentials.add(value)
             if value is None:
                 problems.append(
                     (path, f"environment variable {m[1]} is not set (or give a default: ${{{m[1]}:-value}})")
@@ -316,7 +327,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise JobSpecError(str(path), [("(job)", "a job file must be a YAML mapping of sections")])
     # Secrets are looked for before interpolation: a ${VAR} reference in the file is fine.
     problems = find_secrets(data)
-    data, env_problems = interpolate_env(apply_overrides(data, overrides or []))
+    refs: dict[str, str] = {}
+    credentials: set[str] = set()
+    data, env_problems = interpolate_env(apply_overrides(data, overrides or []), refs=refs, credentials=credentials)
     problems += env_problems
     secret_paths = {p for p, _ in problems}
     try:
@@ -325,11 +338,41 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         problems += [(p, m) for p, m in err.problems if p not in secret_paths]
     if problems:
         raise JobSpecError(str(path), problems)
+    job._env_refs, job._credentials = refs, credentials
     return job
 
 
+def mask(text: str, job: JobSpec) -> str:
+    """`text` with every credential the job holds masked: URL passwords and AWS key ids, and the
+    values of credential-named variables it took through ${VAR}."""
+    for secret in sorted(job._credentials, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return redact(text)
+
+
 def dump_job(job: JobSpec) -> str:
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    """The resolved job as YAML, credentials masked: what may be printed or written anywhere."""
+    return mask(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), job)
+
+
+def job_record(job: JobSpec) -> dict:
+    """The resolved job as a dict, credentials masked: for checkpoints and tracking params."""
+    return yaml.safe_load(dump_job(job))
+
+
+def dump_job_for_cluster(job: JobSpec) -> str:
+    """The job file a submitted run reads on the cluster: a value that came through ${VAR} and
+    holds a credential is written as its ${VAR} reference again, so the cluster resolves it from
+    its own environment and the credential never lands in the job's working directory."""
+    data = job.model_dump(mode="json")
+    for dotted, written in job._env_refs.items():
+        node, *parts = [data, *dotted.split(".")]
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        leaf = parts[-1]
+        if isinstance(node, dict) and leaf in node and mask(str(node[leaf]), job) != str(node[leaf]):
+            node[leaf] = written
+    return mask(yaml.safe_dump(data, sort_keys=False), job)
 
 
 _RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import moe_ray
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job
+from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster
 
 # Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
 # are NOT forwarded: the cluster's nodes must have their own (instance role, secret, env).
@@ -80,7 +80,7 @@ def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
     # Unbuffered: `moe-ray logs --follow` shows each line when it is printed, not per 8 KB block.
     env.update(MOE_RAY_SUBMISSION_ID=submission_id, RAY_TRAIN_ENABLE_PRINT_PATCH="0", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="moe-ray-submit-") as tmp:
-        (Path(tmp) / "job.yaml").write_text(dump_job(job))
+        (Path(tmp) / "job.yaml").write_text(dump_job_for_cluster(job))
         jobs = client(address)
         try:
             jobs.submit_job(

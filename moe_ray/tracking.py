@@ -133,7 +133,9 @@ class Tracker:
         self._thread.join(timeout_s)
         sent = not self._thread.is_alive() and self.pending() == 0
         if not sent:
-            log.warning("MLflow: %d metric values not sent to %s (server unreachable)", self.pending(), self.uri)
+            log.warning(
+                "MLflow: %d metric values not sent to %s (server unreachable)", self.pending(), redact(self.uri)
+            )
         shutil.rmtree(self._tmp, ignore_errors=True)
         return sent
 
@@ -151,7 +153,7 @@ class Tracker:
                 if self._outage_since is not None:
                     log.warning(
                         "MLflow at %s reachable again after %.0f s; queued data sent",
-                        self.uri,
+                        redact(self.uri),
                         time.time() - self._outage_since,
                     )
                     self._outage_since = None
@@ -164,8 +166,8 @@ class Tracker:
                     self._outage_since = time.time()
                     log.warning(
                         "MLflow at %s unreachable (%s); training goes on, metrics are kept and sent when it answers",
-                        self.uri,
-                        _short(err),
+                        redact(self.uri),
+                        redact(_short(err)),
                     )
                 backoff = min(self.max_backoff_s, backoff * 2)
                 if stopping:
@@ -241,6 +243,8 @@ def _short(err: Exception) -> str:
 
 
 def quiet_mlflow_http() -> None:
-    """MLflow's own HTTP retries would stall the sender for minutes; ours are enough."""
+    """MLflow's own HTTP retries would stall the sender for minutes; ours are enough. And MLflow
+    prints "View run at: <tracking URI>" with any password in it: moe-ray prints its own, masked."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

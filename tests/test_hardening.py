@@ -98,3 +98,25 @@ def test_paths_named_inside_a_checkpoint_are_not_opened_unless_given(tmp_path):
         app, ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2", "--tokenizer", "bytes"]
     )
     assert ok.exit_code == 0, ok.output
+
+
+def test_the_job_file_sent_to_a_cluster_keeps_credentials_as_references(tmp_path, monkeypatch):
+    from moe_ray.spec import dump_job, dump_job_for_cluster, job_record, load_job
+
+    monkeypatch.setenv("TRACKING", "http://bob:hunter2secret@mlflow.internal:5000")
+    monkeypatch.setenv("TEAM_API_TOKEN", "tok-0123456789")
+    monkeypatch.setenv("WORKERS", "3")
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "tracking:\n  uri: ${TRACKING}\n  experiment: team-${TEAM_API_TOKEN}\nresources:\n  workers: ${WORKERS}\n"
+    )
+    job = load_job(path)
+    for text in (dump_job(job), str(job_record(job))):
+        assert "hunter2secret" not in text and "tok-0123456789" not in text
+    sent = dump_job_for_cluster(job)
+    assert "hunter2secret" not in sent and "tok-0123456789" not in sent
+    assert "${TRACKING}" in sent and "team-${TEAM_API_TOKEN}" in sent
+    assert "workers: 3" in sent  # not a credential: resolved as usual
+    # On the cluster, with the same environment, the file is the same job.
+    (tmp_path / "sent.yaml").write_text(sent)
+    assert load_job(tmp_path / "sent.yaml").model_dump() == job.model_dump()

@@ -21,7 +21,7 @@ from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name
+from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name, job_record
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location
 from moe_ray.storage.location import Location
@@ -191,6 +191,8 @@ def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> 
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
+            # What the workers write into checkpoints: the job with its credentials masked.
+            "job_record": job_record(job),
             "run_name": run_name,
             "data": data_ref,
             "bias_mode": bias_mode,
@@ -324,7 +326,7 @@ def _run(
         load_history=history,
         bias_consistency=consistency,
         seconds=time.time() - start,
-        mlflow_uri=tracking.uri,
+        mlflow_uri=redact(tracking.uri),
     )
     # finish() sends the summary and closes the MLflow run (it creates the run if it had not yet).
     tracking.finish(run_result, coordinator)

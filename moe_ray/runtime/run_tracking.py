@@ -14,7 +14,7 @@ import ray
 
 from moe_ray.plots import load_heatmap
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, dump_job
+from moe_ray.spec import JobSpec, dump_job, job_record, mask
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow_http
 
@@ -35,14 +35,14 @@ class RunTracking:
         tags = {
             "moe_ray.job": job.name,
             "moe_ray.run": run_name,
-            "moe_ray.checkpoint_storage": job.checkpoint.storage,
+            "moe_ray.checkpoint_storage": mask(job.checkpoint.storage, job),
             "ray.address": address or "embedded-local",
         }
         if os.environ.get("MOE_RAY_SUBMISSION_ID"):
             tags["ray.submission_id"] = os.environ["MOE_RAY_SUBMISSION_ID"]
         if commit := git_commit():
             tags["git.commit"] = commit
-        self.tracker.start(flatten(job.model_dump(mode="json")), tags)
+        self.tracker.start(flatten(job_record(job)), tags)
         spec = self.tmp / "job.yaml"
         spec.write_text(dump_job(job))
         self.tracker.log_artifact(spec, "job")

@@ -66,6 +66,7 @@ class WorkerContext:
     world_size: int
     device: torch.device
     placement: ExpertPlacement
+    job_record: dict  # the job with its credentials masked, for state.json
 
 
 def _candidate_checkpoints(job: JobSpec, run_name: str):
@@ -128,7 +129,7 @@ def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metric
                 "world_size": ctx.world_size,
                 "ep_size": ctx.placement.ep_size,
                 "run_name": ctx.run_name,
-                "job": ctx.job.model_dump(mode="json"),
+                "job": ctx.job_record,  # credentials masked
                 "summary": summary,
             }
             files += ckpt.write_dense(folder, dense, state)
@@ -169,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     pids = all_gather(os.getpid())
     placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size_for(world), node_ids)
     mesh = build_mesh(placement, device.type)
-    ctx = WorkerContext(job, run_name, rank, world, device, placement)
+    ctx = WorkerContext(job, run_name, rank, world, device, placement, config["job_record"])
 
     model = build_model(job.model, job.balance, job.train.seed, device, placement.local_experts(rank))
     dense_params = sum(p.numel() for p in split_parameters(model)[0])
