@@ -73,8 +73,53 @@ def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def files_holding(folder, secret: bytes) -> list[str]:
+    from pathlib import Path
+
+    found = []
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
+                found.append(str(path))
+        except OSError:
+            pass
+    return found
+
+
+# Before the test that kills the module's server.
+def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_stack, tmp_path, monkeypatch, capfd):
+    """The tracking URI arrives through ${VAR} with a password in it. Nothing the run writes holds
+    the password: checkpoints (state.json) and the uploaded model, the MLflow store and its
+    artifacts (job.yaml, params, tags), the log lines, and Ray's session logs."""
+    import uuid
+
+    import ray
+    import yaml
+
+    from moe_ray.spec import load_job
+
+    secret = f"pw-{uuid.uuid4().hex[:12]}"
+    uri = mlflow_stack.mlflow_uri.replace("http://", f"http://moe:{secret}@")
+    monkeypatch.setenv("MOE_RAY_TEST_MLFLOW", uri)
+    spec = tiny_job(tmp_path / "runs", train__steps=4, checkpoint__every=2).model_dump(mode="json")
+    spec["tracking"] = {"uri": "${MOE_RAY_TEST_MLFLOW}", "experiment": "masked", "log_model": True}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    job = load_job(path)
+    assert job.tracking.uri == uri  # the run itself uses the real credential
+    result = run_job(job, run_name="masked")
+    assert result.final_step == 4
+    _, run = only_run(mlflow_stack.mlflow_uri, "masked")
+    assert run.data.params["tracking.uri"].startswith("http://moe:***@")
+    logs = capfd.readouterr()
+    assert secret not in logs.out + logs.err
+    session = ray._private.worker._global_node.get_session_dir_path()
+    leaks = [f for folder in (tmp_path, mlflow_stack.folder, session) for f in files_holding(folder, secret.encode())]
+    assert leaks == [], leaks
+
+
 def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tracked_run, tmp_path):
-    stack = mlflow_stack  # the module's server: the test above has read what it needs from it
+    stack = mlflow_stack  # the module's server: the tests above have read what they need from it
     job = tiny_job(
         tmp_path / "runs", train__steps=60, tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1}
     )
@@ -125,47 +170,3 @@ def test_secret_detection_is_by_whole_name_part():
 
     assert all(map(looks_secret_key, ["aws_secret_access_key", "password", "api_token", "token", "AWS_SESSION_TOKEN"]))
     assert not any(map(looks_secret_key, ["max_nodes_per_token", "tokenizer", "tokens_per_s", "keep"]))
-
-
-def files_holding(folder, secret: bytes) -> list[str]:
-    from pathlib import Path
-
-    found = []
-    for path in Path(folder).rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
-                found.append(str(path))
-        except OSError:
-            pass
-    return found
-
-
-def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_stack, tmp_path, monkeypatch, capfd):
-    """The tracking URI arrives through ${VAR} with a password in it. Nothing the run writes holds
-    the password: checkpoints (state.json) and the uploaded model, the MLflow store and its
-    artifacts (job.yaml, params, tags), the log lines, and Ray's session logs."""
-    import uuid
-
-    import ray
-    import yaml
-
-    from moe_ray.spec import load_job
-
-    secret = f"pw-{uuid.uuid4().hex[:12]}"
-    uri = mlflow_stack.mlflow_uri.replace("http://", f"http://moe:{secret}@")
-    monkeypatch.setenv("MOE_RAY_TEST_MLFLOW", uri)
-    spec = tiny_job(tmp_path / "runs", train__steps=4, checkpoint__every=2).model_dump(mode="json")
-    spec["tracking"] = {"uri": "${MOE_RAY_TEST_MLFLOW}", "experiment": "masked", "log_model": True}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    job = load_job(path)
-    assert job.tracking.uri == uri  # the run itself uses the real credential
-    result = run_job(job, run_name="masked")
-    assert result.final_step == 4
-    _, run = only_run(mlflow_stack.mlflow_uri, "masked")
-    assert run.data.params["tracking.uri"].startswith("http://moe:***@")
-    logs = capfd.readouterr()
-    assert secret not in logs.out + logs.err
-    session = ray._private.worker._global_node.get_session_dir_path()
-    leaks = [f for folder in (tmp_path, mlflow_stack.folder, session) for f in files_holding(folder, secret.encode())]
-    assert leaks == [], leaks
