@@ -6,8 +6,12 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "infra" / "local"))
+from stack import free_port  # noqa: E402,F401  (one definition, shared with the tests)
 
 
 def emit(bench: str, metric: str, value, **extra) -> dict:

@@ -14,7 +14,6 @@ FLOPs per token = 6 x active non-embedding parameters + 12 x layers x d_model x 
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, short_quickstart  # noqa: E402
+from common import emit, free_port, short_quickstart  # noqa: E402
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig  # noqa: E402
 from moe_ray.parallel.mesh import build_mesh  # noqa: E402
@@ -139,9 +138,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA GPU here, nothing measured", file=sys.stderr)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=torch.device("cuda:0")
     )

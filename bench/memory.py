@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+from common import emit, free_port  # noqa: E402
 
 from moe_ray.config import BalanceConfig, TrainConfig  # noqa: E402
 from moe_ray.parallel.grads import split_parameters  # noqa: E402
@@ -76,10 +75,8 @@ def _worker(rank, world, port, fsdp, steps, out):
 
 def measure(world: int, fsdp: bool, steps: int) -> tuple[int, float]:
     """(most dense bytes any rank holds, median step seconds)."""
-    with tempfile.TemporaryDirectory() as out, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
         mp.start_processes(_worker, args=(world, port, fsdp, steps, out), nprocs=world, start_method="spawn")
         ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(world)]
     return max(r["bytes"] for r in ranks), max(r["step_s"] for r in ranks)

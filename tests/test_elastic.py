@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import tiny_job
+from conftest import free_port, tiny_job
 
 from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import batch_digest, builtin_corpus, sample_windows
@@ -164,17 +164,13 @@ def _rank1(port: int, outcome) -> None:
 
 
 def test_when_the_coordinator_never_answers_every_rank_fails_instead_of_waiting(local_ray, monkeypatch):
-    import socket
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     from moe_ray.runtime import bias_client
 
     monkeypatch.setattr(bias_client, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     outcome = ctx.Queue()
     other = ctx.Process(target=_rank1, args=(port, outcome))
@@ -215,16 +211,12 @@ class RestartedSilentCoordinator:
 
 
 def test_the_retry_after_a_coordinator_restart_has_the_same_time_limit(local_ray, monkeypatch):
-    import socket
-
     import torch.distributed as dist
 
     from moe_ray.runtime import bias_client
 
     monkeypatch.setattr(bias_client, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     coord = RestartedSilentCoordinator.remote()
     try:

@@ -6,12 +6,12 @@ batch, and save what they computed; the test compares with one process on the wh
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig
 from moe_ray.parallel.mesh import build_mesh
@@ -47,12 +47,6 @@ def force_bias(model, hot_experts):
     bias = torch.zeros(len(model.moe_layers()), model.cfg.moe.n_routed_experts)
     bias[:, hot_experts] = 10.0
     model.set_expert_bias(bias)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, ep_size, hot, fsdp, out_dir):
@@ -109,7 +103,7 @@ def reference(hot=None):
 )
 def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot, fsdp):
     mp.start_processes(
-        _worker, args=(world, _free_port(), ep_size, hot, fsdp, str(tmp_path)), nprocs=world, start_method="spawn"
+        _worker, args=(world, free_port(), ep_size, hot, fsdp, str(tmp_path)), nprocs=world, start_method="spawn"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     out, norm, ref_grads = reference(hot)
@@ -202,7 +196,7 @@ def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(tmp_path):
     for world, ep_size, phase in [(4, 2, "save"), (2, 1, "load")]:
         mp.start_processes(
             _checkpoint_worker,
-            args=(world, _free_port(), ep_size, phase, folder),
+            args=(world, free_port(), ep_size, phase, folder),
             nprocs=world,
             start_method="spawn",
         )

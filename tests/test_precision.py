@@ -2,7 +2,6 @@
 travel in the autocast dtype, parameters and their gradients stay fp32. CPU autocast checks run
 everywhere; the `gpu` tests need CUDA (NCCL, host-sync counts) and are skipped without it."""
 
-import socket
 import traceback
 import warnings
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig
 from moe_ray.model.moe import MoELayer
@@ -82,9 +82,7 @@ def nccl_group():
     """A one-rank NCCL group: the expert-parallel dispatch runs its real collectives."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=torch.device("cuda:0")
     )

@@ -34,6 +34,7 @@ class CoordinatorBias:
     def __init__(self, coordinator, generation: int, rank: int, world_size: int, model, device: torch.device):
         self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
         self.world_size, self.device = world_size, device
+        self.shape = tuple(model.get_expert_bias().shape)  # (MoE layers, experts)
         self.pending = None
         self.counts = None
         self.desired_workers = None  # set when `moe-ray scale` asks for another worker count
@@ -46,9 +47,8 @@ class CoordinatorBias:
             self.pending = self.coordinator.exchange.remote(self.generation, step, self.counts, digest)
 
     def next_bias(self, step: int) -> torch.Tensor:
-        shape = tuple(self.model.get_expert_bias().shape)
         # [version, desired workers (0: no change), bias...] in float64: exact for fp32 and ints.
-        message = torch.zeros(2 + shape[0] * shape[1], dtype=torch.float64, device=self.device)
+        message = torch.zeros(2 + self.shape[0] * self.shape[1], dtype=torch.float64, device=self.device)
         if self.rank == 0:
             try:
                 version, bias, desired = self._reply(step)
@@ -65,7 +65,7 @@ class CoordinatorBias:
         if version != step + 1:
             raise RuntimeError(f"coordinator returned bias version {version} for step {step + 1}")
         self.desired_workers = desired or None
-        return message[2:].to(torch.float32).view(shape).cpu()
+        return message[2:].to(torch.float32).view(self.shape).cpu()
 
     def _reply(self, step: int):
         try:

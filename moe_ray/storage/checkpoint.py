@@ -205,13 +205,9 @@ def read_state(folder: Path) -> dict:
     """state.json, once the index vouches for it (present, listed, size and sha256): nothing in it
     is used before."""
     folder = Path(folder)
-    index = read_index(folder)
+    index = verify(folder, hash_files={STATE})
     if STATE not in {e["name"] for e in index["files"]}:
         raise CheckpointError(f"{folder}: {STATE} is not listed in the index")
-    check_sizes(str(folder), {"files": [e for e in index["files"] if e["name"] == STATE]}, local_sizes(folder, index))
-    entry = next(e for e in index["files"] if e["name"] == STATE)
-    if sha256_file(folder / STATE) != entry["sha256"]:
-        raise CheckpointError(f"{folder}: {STATE} does not match its sha256 in the index")
     try:
         return json.loads((folder / STATE).read_text())
     except json.JSONDecodeError as err:
