@@ -182,8 +182,8 @@ def eval_checkpoint(
         trained = loaded.job.data
         data_cfg = trained.model_copy(
             update={
-                "source": path_named_by(loaded, "data", trained.source, data, "--data"),
-                "tokenizer": path_named_by(loaded, "tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
+                "source": path_named_by("data", trained.source, data, "--data"),
+                "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
             }
         )
         if data_cfg.source != "builtin":
@@ -217,7 +217,7 @@ def generate(
 
     with exit_on(CheckpointError):
         loaded = load_model(checkpoint)
-        spec = path_named_by(loaded, "tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
+        spec = path_named_by("tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
     tok = Tokenizer(spec)
     ids = tok.encode(prompt)
     used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)

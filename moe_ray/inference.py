@@ -42,7 +42,7 @@ def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
     return LoadedModel(model=model, job=job, step=loaded.step)
 
 
-def path_named_by(loaded: LoadedModel, what: str, value: str, given: str | None, option: str) -> str:
+def path_named_by(what: str, value: str, given: str | None, option: str) -> str:
     """The data source or tokenizer to read: the one the user gave, or the checkpoint's own when it
     is built in (`builtin`, `bytes`). moe-ray never opens a path or URI just because a checkpoint
     names it: the user repeats it."""
