@@ -1,8 +1,8 @@
-"""The expert worker: the Ray Train loop that every worker runs (DESIGN 5.1, 5.2).
+"""The expert worker: the Ray Train loop that every worker runs (DESIGN 5.1, 5.2, 10).
 
-Each worker holds a data-parallel replica of the dense parts and one block of routed experts,
-trains on its share of every global batch, exchanges tokens with the other workers by
-all-to-all, and routes with the bias the coordinator hands out.
+Each worker holds one block of routed experts and the dense parts (its FSDP shard of them, or a
+full replica: `resources.dense_parallel`), trains on its share of every global batch, exchanges
+tokens with the other workers by all-to-all, and routes with the bias the coordinator hands out.
 """
 
 from __future__ import annotations
