@@ -53,6 +53,13 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
     warning = routing_limits_warning(job)
     for line in job_size(job).lines() + ([warning] if warning else []):
         typer.echo(f"# {line}")
+    if job.model.init_from:
+        from moe_ray.hf.init_from import LayoutError, check_init_from
+        from moe_ray.hf.tokenizer import job_tokenizer_json
+        from moe_ray.storage.s3 import StorageError
+
+        with exit_on(LayoutError, StorageError, code=2):
+            typer.echo(f"# init_from: {check_init_from(job, job_tokenizer_json(job.data.tokenizer))}")
 
 
 @app.command()
@@ -65,6 +72,7 @@ def run(
 ) -> None:
     """Train a job: coordinator + expert workers on Ray, with checkpoints."""
     from moe_ray.console import ProgressReporter, console
+    from moe_ray.hf.layout import LayoutError
     from moe_ray.runtime.data_loading import DataError
     from moe_ray.runtime.driver import RunError, run_job
     from moe_ray.storage.s3 import StorageError
@@ -76,10 +84,10 @@ def run(
         result = run_job(
             job, address=address, resume=resume or run_name if resume else None, run_name=run_name, on_progress=reporter
         )
-    except (RunError, StorageError, DataError) as err:
+    except (RunError, StorageError, DataError, LayoutError) as err:
         reporter.close()
         console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(err, LayoutError) else 1) from None
     reporter.close()
     if result.mlflow_run_id:
         console.print(f"MLflow run {result.mlflow_run_id} at {redact(result.mlflow_uri)}", highlight=False)
@@ -209,10 +217,19 @@ def generate(
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 40,
     seed: Annotated[int, typer.Option(help="The same seed gives the same text.")] = 0,
     tokenizer: TokenizerOpt = None,
+    speculative: Annotated[
+        bool, typer.Option("--speculative", help="Draft tokens with the MTP modules; the main model verifies them.")
+    ] = False,
+    draft_tokens: Annotated[
+        int | None, typer.Option(help="Tokens drafted per round with --speculative (default: the MTP depth).")
+    ] = None,
 ) -> None:
     """Continue a prompt with a trained model (KV cache, the trained routing bias)."""
+    import time
+
     from moe_ray.inference import Tokenizer, load_model, path_named_by
     from moe_ray.inference import generate as sample
+    from moe_ray.speculative import speculative_generate
     from moe_ray.storage.checkpoint import CheckpointError
 
     with exit_on(CheckpointError):
@@ -220,12 +237,66 @@ def generate(
         spec = path_named_by("tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
     tok = Tokenizer(spec)
     ids = tok.encode(prompt)
-    used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
+    start = time.perf_counter()
+    if speculative:
+        with exit_on(ValueError, code=2):
+            used, new, stats = speculative_generate(
+                loaded.model, ids, max_new_tokens, temperature, top_k, seed, draft_tokens
+            )
+    else:
+        used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
+    seconds = time.perf_counter() - start
     if len(used) < len(ids):
         typer.echo(
             f"(prompt cut to its last {len(used)} tokens: the context is {loaded.job.model.max_seq_len})", err=True
         )
     typer.echo(tok.decode(used) + tok.decode(new))
+    rate = f"{len(new) / max(seconds, 1e-9):,.0f} tokens/s"
+    if speculative:
+        typer.echo(
+            f"(speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted ({stats.acceptance:.0%}), "
+            f"{len(new)} tokens from {stats.rounds + 1} forwards of the main model, {rate})",
+            err=True,
+        )
+    else:
+        typer.echo(f"({len(new)} tokens, {rate})", err=True)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    out: Annotated[str, typer.Argument(help="A new folder for the Hugging Face model.")],
+    tokenizer: TokenizerOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16 (half the size).")] = "float32",
+    max_shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard.")] = 5000,
+) -> None:
+    """Write a checkpoint as a Hugging Face glm4_moe model (transformers, vLLM)."""
+    from moe_ray.hf.export import export_checkpoint
+    from moe_ray.hf.folder import DTYPES
+    from moe_ray.hf.layout import LayoutError
+    from moe_ray.storage.checkpoint import CheckpointError
+    from moe_ray.storage.s3 import StorageError
+
+    if dtype not in DTYPES:
+        typer.echo(f"error: --dtype {dtype}: choose one of {', '.join(DTYPES)}", err=True)
+        raise typer.Exit(2)
+    with exit_on(CheckpointError, LayoutError, StorageError):
+        result = export_checkpoint(
+            checkpoint,
+            out,
+            tokenizer,
+            dtype,
+            max_shard_mb * 2**20,
+            on_shard=lambda i, n: typer.echo(f"  shard {i}/{n} written", err=True),
+        )
+    mtp = result.config["num_nextn_predict_layers"]
+    typer.echo(
+        f"exported step {result.step} of {checkpoint} to {out}: {result.shards} shard(s), "
+        f"{result.bytes / 2**20:.1f} MB, glm4_moe {dtype}\n"
+        f"  transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"  vLLM:         vllm serve {out}"
+        + (f' --speculative-config \'{{"method": "mtp", "num_speculative_tokens": {mtp}}}\'' if mtp else "")
+    )
 
 
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard, e.g. http://HEAD:8265.")]

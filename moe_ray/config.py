@@ -126,6 +126,9 @@ class ModelConfig(Strict):
     init_std: PositiveFloat = 0.02
     moe: MoEConfig = Field(default_factory=lambda: MoEConfig(n_routed_experts=16, expert_hidden=128, top_k=4))
     mtp: MTPConfig = Field(default_factory=MTPConfig)
+    # A Hugging Face glm4_moe folder (path or s3://) whose weights and balance bias a fresh run
+    # starts from (DESIGN 11); checked against this section before any worker starts.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

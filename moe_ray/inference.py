@@ -108,11 +108,7 @@ def generate(
     Returns (the prompt tokens actually used, the new tokens). A prompt that does not leave
     room in the context (model.max_seq_len) keeps its last tokens. temperature 0 = greedy.
     Deterministic for a given seed."""
-    ctx = model.cfg.max_seq_len
-    max_new_tokens = max(0, min(max_new_tokens, ctx - 1))
-    if not prompt:
-        prompt = [0]
-    prompt = prompt[-(ctx - max_new_tokens) :]
+    prompt, max_new_tokens = fit_context(prompt, max_new_tokens, model.cfg.max_seq_len)
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     caches: list[dict] = [{} for _ in model.blocks]
@@ -127,11 +123,22 @@ def generate(
     return prompt, out
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
+def fit_context(prompt: list[int], max_new_tokens: int, ctx: int) -> tuple[list[int], int]:
+    """(the prompt's tokens that fit, the new tokens allowed): together at most `ctx` positions."""
+    max_new_tokens = max(0, min(max_new_tokens, ctx - 1))
+    return (prompt or [0])[-(ctx - max_new_tokens) :], max_new_tokens
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """The sampling distribution over the vocabulary (temperature > 0), after top-k."""
+    logits = logits.float() / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+    return logits.softmax(-1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=gen))

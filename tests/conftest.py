@@ -107,3 +107,25 @@ def mlflow_stack(tmp_path_factory):
     stack = LocalStack(tmp_path_factory.mktemp("mlflow"), s3=False).start()
     yield stack
     stack.stop()
+
+
+def write_checkpoint(folder, job, model=None):
+    """A real checkpoint of one process's model, as the workers write it: `model` as it is, or a
+    fresh one of `job` after one training step."""
+    from moe_ray.storage import checkpoint as ckpt
+    from moe_ray.train.optim import build_optimizer
+    from moe_ray.train.trainer import build_model
+
+    opt = None
+    if model is None:
+        model = build_model(job.model, job.balance, 0, torch.device("cpu"))
+        opt = build_optimizer(model, job.train)
+        model.compute_loss(torch.randint(0, 256, (2, 34))).loss.backward()
+        opt.step()
+    opt = opt or build_optimizer(model, job.train)
+    folder.mkdir(parents=True)
+    files = [ckpt.write_experts(folder, model, ckpt.expert_tensors(model, opt))]
+    state = {"step": 1, "job": job.model_dump(mode="json")}
+    files += ckpt.write_dense(folder, ckpt.dense_tensors(model, opt), state)
+    ckpt.write_index(folder, [ckpt.file_entry(f) for f in files], 1)
+    return folder

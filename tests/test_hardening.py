@@ -7,13 +7,11 @@ import shlex
 
 import pytest
 import torch
-from conftest import tiny_job
+from conftest import tiny_job, write_checkpoint
 from typer.testing import CliRunner
 
 from moe_ray.cli import app
 from moe_ray.storage import checkpoint as ckpt
-from moe_ray.train.optim import build_optimizer
-from moe_ray.train.trainer import build_model
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "- a list\n- of things\n", "just a string\n"])
@@ -53,20 +51,6 @@ def test_cluster_command_lines_quote_their_arguments():
     # Quoted even if a name got past the rule: each argument stays one argument.
     assert shlex.split(run_entrypoint(BAD_NAME))[-1] == BAD_NAME
     assert shlex.split(scale_entrypoint(BAD_NAME, 3))[4] == BAD_NAME
-
-
-def write_checkpoint(folder, job):
-    """A real checkpoint of one process's model after one step, as the workers write it."""
-    model = build_model(job.model, job.balance, 0, torch.device("cpu"))
-    opt = build_optimizer(model, job.train)
-    model.compute_loss(torch.randint(0, 256, (2, 34))).loss.backward()
-    opt.step()
-    folder.mkdir(parents=True)
-    files = [ckpt.write_experts(folder, model, ckpt.expert_tensors(model, opt))]
-    state = {"step": 1, "job": job.model_dump(mode="json")}
-    files += ckpt.write_dense(folder, ckpt.dense_tensors(model, opt), state)
-    ckpt.write_index(folder, [ckpt.file_entry(f) for f in files], 1)
-    return folder
 
 
 def test_altered_state_json_is_refused_before_the_model_is_built(tmp_path):

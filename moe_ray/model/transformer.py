@@ -43,10 +43,12 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, balance, moe, local_experts)
         self.out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(
+        self, h_prev: torch.Tensor, emb: torch.Tensor, kv_cache: dict | None = None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
         h = self.proj(torch.cat([self.hidden_norm(h_prev), self.embed_norm(emb)], dim=-1))
         # Under autocast the projection returns bf16; the residual stream stays in the trunk's dtype.
-        return self.block(h.to(h_prev.dtype))
+        return self.block(h.to(h_prev.dtype), kv_cache)
 
 
 @dataclass
@@ -117,10 +119,14 @@ class MoETransformer(nn.Module):
     # --- forward ----------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, kv_caches: list[dict] | None = None) -> torch.Tensor:
         """Next-token logits (batch, T, vocab) of the trunk alone (MTP modules unused)."""
+        return self.head(self.norm(self.hidden_states(tokens, kv_caches)))
+
+    def hidden_states(self, tokens: torch.Tensor, kv_caches: list[dict] | None = None) -> torch.Tensor:
+        """The trunk's last hidden states before the final norm: what MTP module 1 reads."""
         h = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             h, _ = block(h, None if kv_caches is None else kv_caches[i])
-        return self.head(self.norm(h))
+        return h
 
     def compute_loss(self, window: torch.Tensor) -> ModelOutput:
         """window: (batch, T + 1 + mtp_depth) tokens. The trunk reads the first T and predicts the

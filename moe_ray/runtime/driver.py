@@ -16,6 +16,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from moe_ray.hf.init_from import check_init_from
+from moe_ray.hf.tokenizer import job_tokenizer_json
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
@@ -161,6 +163,8 @@ def run_job(
     compute the bias themselves instead of asking the coordinator."""
     start = time.time()
     prepare_storage(job)
+    if job.model.init_from:  # a folder that does not fit is refused before anything starts
+        log.warning("init_from: %s", check_init_from(job, job_tokenizer_json(job.data.tokenizer)))
     run_name = resolve_run_name(job, resume, run_name)
     started = connect(address, job)
     marker = run_marker(run_name)

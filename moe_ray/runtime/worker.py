@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ray.data import TokenSplits, batch_digest, eval_windows, sample_windows
+from moe_ray.hf.init_from import load_init_from
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize, shards_dense
@@ -180,6 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     optimizer = build_optimizer(model, job.train)
     start_step = restore(ctx, model, optimizer)
+    if start_step == 0 and job.model.init_from:  # a fresh run starts from the Hugging Face weights
+        load_init_from(model, job.model.init_from)
     generation = None
     if rank == 0:
         # The bias the model now holds (the checkpoint's, or the initial one of a fresh start):
