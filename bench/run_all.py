@@ -17,7 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["moe_layer.py", "dispatch.py", "coordinator.py", "recovery.py", "router_memory.py", "memory.py", "gpu.py"]
+BENCHES = [
+    "moe_layer.py",
+    "dispatch.py",
+    "coordinator.py",
+    "recovery.py",
+    "router_memory.py",
+    "memory.py",
+    "decode.py",
+    "gpu.py",
+]
 
 
 def main() -> None:

@@ -171,3 +171,31 @@ def test_a_worker_downloads_only_its_own_experts_files(s3_run):
     ):
         with ckpt.fetch(partial, fs, shard):
             pass
+
+
+def test_init_from_an_s3_folder_loads_each_shard_like_a_local_one(s3_stack, tmp_path):
+    import torch
+    from conftest import write_checkpoint
+
+    from moe_ray.hf.export import export_checkpoint
+    from moe_ray.hf.init_from import check_init_from, load_init_from
+    from moe_ray.train.trainer import build_model
+
+    job = tiny_job(tmp_path / "runs")
+    export_checkpoint(str(write_checkpoint(tmp_path / "ckpt", job)), tmp_path / "export", max_shard_bytes=100_000)
+    client = boto3.client("s3")
+    for f in (tmp_path / "export").iterdir():
+        client.upload_file(str(f), BUCKET, f"models/tiny/{f.name}")
+    uri = f"s3://{BUCKET}/models/tiny"
+    remote_job = job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri})})
+    assert "weights from s3://" in check_init_from(remote_job, None)
+    for experts in (range(0, 4), range(4, 8)):  # the two shards of an EP=2 run
+        remote = build_model(job.model, job.balance, 7, torch.device("cpu"), experts)
+        local = build_model(job.model, job.balance, 8, torch.device("cpu"), experts)
+        load_init_from(remote, uri)
+        load_init_from(local, str(tmp_path / "export"))
+        assert all(
+            torch.equal(a, b) for a, b in zip(remote.state_dict().values(), local.state_dict().values(), strict=True)
+        )
+    with pytest.raises(Exception, match="no config.json"):
+        check_init_from(job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri + "x"})}), None)
