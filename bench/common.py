@@ -58,7 +58,7 @@ def machine() -> dict:
 
 
 def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0):
-    """The quickstart job cut to `steps` steps, no evaluation, checkpoints into `storage`."""
+    """The quickstart job cut to `steps` steps, no evaluation, checkpoints and MLflow into `storage`."""
     from pathlib import Path
 
     from moe_ray.spec import load_job
@@ -69,5 +69,8 @@ def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0):
         "train.eval_batches=1",
         f"checkpoint.every={checkpoint_every}",
         f"checkpoint.storage={storage}",
+        # Beside the checkpoints: a bench never writes into the checkout's MLflow store, and a
+        # second run of it never meets the first one's MLflow run (same run name).
+        f"tracking.uri=sqlite:///{Path(storage).resolve() / 'mlflow.db'}",
     ]
     return load_job(Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml", overrides)

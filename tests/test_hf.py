@@ -235,3 +235,15 @@ def test_training_starts_from_the_export_on_ray(local_ray, trained, tmp_path):
     np.testing.assert_allclose(losses, [r.loss for r in summary.history], rtol=2e-5, atol=1e-6)
     fresh = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
     assert losses[0] < fresh.run_step().loss - 1.0
+
+
+def test_a_model_without_shared_experts_exports_too(tmp_path):
+    job = hf_job(tmp_path / "runs", model__moe__n_shared_experts=0)
+    folder = write_checkpoint(tmp_path / "ckpt", job)
+    export_checkpoint(str(folder), tmp_path / "export")
+    hf, info = load_hf(tmp_path / "export")
+    assert not info["missing_keys"]  # glm4_moe always has a shared MLP: it gets zero width
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = load_model(str(folder), torch.device("cpu")).model
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4

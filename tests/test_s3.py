@@ -199,3 +199,18 @@ def test_init_from_an_s3_folder_loads_each_shard_like_a_local_one(s3_stack, tmp_
         )
     with pytest.raises(Exception, match="no config.json"):
         check_init_from(job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri + "x"})}), None)
+
+
+def test_export_reads_a_2_worker_checkpoint_from_s3(s3_run, tmp_path):
+    import json
+
+    from moe_ray.hf.export import export_checkpoint
+
+    job, _ = s3_run
+    result = export_checkpoint(f"s3://{BUCKET}/runs/s3run/step-00000004", tmp_path / "hf")
+    assert result.step == 4
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["n_routed_experts"] == job.model.moe.n_routed_experts
+    weights = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    last = job.model.moe.n_routed_experts - 1  # written by the second worker
+    assert f"model.layers.1.mlp.experts.{last}.down_proj.weight" in weights

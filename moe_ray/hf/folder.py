@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_ray.hf.layout import LayoutError, from_hf, hf_config, links, shared_copies, to_hf
+from moe_ray.hf.layout import LayoutError, extra_tensors, from_hf, hf_config, links, to_hf
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage import s3
 from moe_ray.storage.checkpoint import assign
@@ -39,8 +39,7 @@ def hf_tensors(model: MoETransformer) -> Iterator[tuple[str, torch.Tensor]]:
     state = model.state_dict()
     for link in links(model.cfg):
         yield from to_hf(link, state[link.ours])
-    for theirs, ours in shared_copies(model.cfg).items():
-        yield theirs, state[ours]
+    yield from extra_tensors(model.cfg, state)
 
 
 def _shard_plan(tensors: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype) -> list[list[int]]:

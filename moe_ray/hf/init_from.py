@@ -6,7 +6,7 @@ named); each worker then loads only its own experts' tensors (from S3, only thei
 from __future__ import annotations
 
 from moe_ray.hf.folder import TOKENIZER, load_into, needed_tensors, open_folder, weight_map_of
-from moe_ray.hf.layout import LayoutError, import_problems, links, shared_copies
+from moe_ray.hf.layout import LayoutError, import_problems, links
 from moe_ray.hf.tokenizer import check_same_encoding
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec
@@ -22,7 +22,7 @@ def check_init_from(job: JobSpec, job_tokenizer_json: str | None) -> str:
         if not problems:
             have = set(weight_map_of(folder.path, uri))
             want = {name for link in links(job.model) for name in link.theirs}
-            missing = sorted(want - have - set(shared_copies(job.model)))
+            missing = sorted(want - have)
             if missing:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 problems.append(f"tensors missing: {', '.join(missing[:3])}{more}")

@@ -249,15 +249,24 @@ def links(cfg: ModelConfig) -> list[Link]:
     return out
 
 
-def shared_copies(cfg: ModelConfig) -> dict[str, str]:
-    """Extra tensors vLLM's MTP loader reads in each MTP layer: {their name: our tensor it copies}.
-    The MTP modules share the trunk's embedding and output head (DeepSeek-V3's files repeat them)."""
-    out = {}
+def extra_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors the layout has beyond the correspondence (never read back on import):
+    - the trunk's embedding and output head repeated in each MTP layer, where vLLM's MTP loader
+      reads them (the MTP modules share them; DeepSeek-V3's files repeat them too);
+    - without shared experts, glm4_moe's zero-width shared MLP, so loading reports nothing missing."""
     for k in range(cfg.mtp.depth):
         layer = f"model.layers.{cfg.n_layers + k}"
-        out[f"{layer}.embed_tokens.weight"] = "embed.weight"
-        out[f"{layer}.shared_head.head.weight"] = "head.weight"
-    return out
+        yield f"{layer}.embed_tokens.weight", state["embed.weight"]
+        yield f"{layer}.shared_head.head.weight", state["head.weight"]
+    if cfg.moe.n_shared_experts == 0:
+        d = cfg.d_model
+        moe_layers = list(range(cfg.n_dense_layers, cfg.n_layers))
+        moe_layers += [cfg.n_layers + k for k in range(cfg.mtp.depth)] if moe_layers else []
+        for layer in moe_layers:
+            shared = f"model.layers.{layer}.mlp.shared_experts"
+            yield f"{shared}.gate_proj.weight", torch.zeros(0, d)
+            yield f"{shared}.up_proj.weight", torch.zeros(0, d)
+            yield f"{shared}.down_proj.weight", torch.zeros(d, 0)
 
 
 def to_hf(link: Link, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
