@@ -34,7 +34,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_tokenizer_json() -> str:
     """A tokenizer.json whose ids are the UTF-8 bytes of the text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise LayoutError("writing the tokenizer needs the tokenizers package: pip install 'moe-ray[hf]'") from None
 
     vocab = {c: b for b, c in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
