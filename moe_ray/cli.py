@@ -175,19 +175,25 @@ def eval_checkpoint(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
     data: Annotated[
         str | None,
-        typer.Option(help="Validation data (as data.source); default: the built-in corpus if trained on it."),
+        typer.Option(
+            help="Evaluate ALL of this text (as data.source); default: the job's validation split, if built in."
+        ),
     ] = None,
     tokenizer: TokenizerOpt = None,
-    batches: Annotated[int | None, typer.Option(help="Validation batches (default: the job's).")] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="At most this many batches (default: the job's eval_batches; all of --data).")
+    ] = None,
 ) -> None:
     """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
+    from moe_ray.data import eval_windows, tiling_windows
     from moe_ray.inference import evaluate_checkpoint, load_model, path_named_by
-    from moe_ray.runtime.data_loading import DataError, load_token_splits
+    from moe_ray.runtime.data_loading import DataError, load_token_splits, load_whole
     from moe_ray.storage.checkpoint import CheckpointError
 
-    with exit_on(CheckpointError, DataError):
+    with exit_on(CheckpointError, DataError, ValueError):
         loaded = load_model(checkpoint)
-        trained = loaded.job.data
+        job = loaded.job
+        trained = job.data
         data_cfg = trained.model_copy(
             update={
                 "source": path_named_by("data", trained.source, data, "--data"),
@@ -198,14 +204,24 @@ def eval_checkpoint(
             import ray
 
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        report = evaluate_checkpoint(loaded, load_token_splits(data_cfg, loaded.job.model.vocab_size), batches)
+        if data is None:  # the job's own validation set, as training evaluated it
+            val = load_token_splits(data_cfg, job.model.vocab_size).val
+            n = batches or job.train.eval_batches
+            windows = eval_windows(val, job.train.seq_len + 1 + job.model.mtp.depth, job.train.batch_size, n)
+            typer.echo(f"data: the job's validation split, {n} batches of {job.train.batch_size}", err=True)
+        else:
+            tokens, description = load_whole(data_cfg, job.model.vocab_size)
+            windows = tiling_windows(tokens, job.train.seq_len, 1 + job.model.mtp.depth, job.train.batch_size)
+            windows = windows[:batches] if batches else windows
+            typer.echo(f"data: {description}", err=True)
+        report = evaluate_checkpoint(loaded, windows)
     vio = report.result.max_vio_global.tolist()
     typer.echo(f"checkpoint {checkpoint} (step {loaded.step})")
     typer.echo(f"  val loss {report.result.loss:.4f}, perplexity {report.result.perplexity:.2f}")
     typer.echo(
         f"  MaxVio_global mean {sum(vio) / max(1, len(vio)):.3f}; per layer " + ", ".join(f"{v:.3f}" for v in vio)
     )
-    typer.echo(f"  {report.tokens:,} tokens in {report.seconds:.2f} s: {report.tokens_per_s:,.0f} tokens/s")
+    typer.echo(f"  {report.tokens:,} tokens scored in {report.seconds:.2f} s: {report.tokens_per_s:,.0f} tokens/s")
 
 
 @app.command()

@@ -137,6 +137,18 @@ def eval_windows(tokens: np.ndarray, window: int, batch_size: int, n_batches: in
     return list(windows.split(batch_size))
 
 
+def tiling_windows(tokens: np.ndarray, seq_len: int, extra: int, batch_size: int) -> list[torch.Tensor]:
+    """Windows of seq_len + extra tokens every seq_len tokens: each token after the first is
+    predicted exactly once (the MTP modules read `extra` tokens more). A tail shorter than a
+    window is left out."""
+    window = seq_len + extra
+    if len(tokens) < window:
+        raise ValueError(f"the text ({len(tokens)} tokens) is shorter than one window ({window})")
+    starts = np.arange(0, len(tokens) - window + 1, seq_len)
+    windows = torch.from_numpy(np.stack([tokens[s : s + window] for s in starts]).astype(np.int64))
+    return list(windows.split(batch_size))
+
+
 def decode_bytes(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_ray.data import TokenSplits, decode_bytes, encode_bytes, eval_windows
+from moe_ray.data import decode_bytes, encode_bytes
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec, JobSpecError, parse_job
 from moe_ray.storage import checkpoint as ckpt
@@ -82,16 +82,13 @@ class EvalReport:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def evaluate_checkpoint(loaded: LoadedModel, data: TokenSplits, batches: int | None = None) -> EvalReport:
-    job = loaded.job
-    window = job.train.seq_len + 1 + job.model.mtp.depth
-    n = batches or job.train.eval_batches
-    windows = [
-        w.to(next(loaded.model.parameters()).device) for w in eval_windows(data.val, window, job.train.batch_size, n)
-    ]
+def evaluate_checkpoint(loaded: LoadedModel, windows: list[torch.Tensor]) -> EvalReport:
+    """Loss, expert load and speed of the model over `windows` (batches of token windows)."""
+    device = next(loaded.model.parameters()).device
+    windows = [w.to(device) for w in windows]
     start = time.perf_counter()
-    result = evaluate(loaded.model, windows, job.train.precision)
-    return EvalReport(result, sum(w.shape[0] * job.train.seq_len for w in windows), time.perf_counter() - start)
+    result = evaluate(loaded.model, windows, loaded.job.train.precision)
+    return EvalReport(result, sum(w.shape[0] * loaded.job.train.seq_len for w in windows), time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -55,3 +55,47 @@ def test_eval_and_generate_commands(checkpoint):
     assert first.stdout == second.stdout and first.stdout.startswith("import os")
     bad = subprocess.run([str(CLI), "eval", "/nonexistent/step-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
+
+
+def test_eval_data_scores_all_of_it_and_prints_no_ray_data_progress(checkpoint, tmp_path):
+    import json
+
+    docs = [f"def f{i}(x):\n    return x * {i}\n" * (i % 7 + 1) for i in range(120)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = subprocess.run(
+        [str(CLI), "eval", checkpoint, "--data", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    n_tokens = sum(len(d.encode()) + 1 for d in docs)  # byte tokens, a newline after each document
+    assert f"all 120 documents, {n_tokens:,} tokens" in out.stderr
+    job = load_model(checkpoint, torch.device("cpu")).job
+    seq, extra = job.train.seq_len, 1 + job.model.mtp.depth
+    scored = (n_tokens - extra) // seq * seq  # every window of seq_len predictions that fits
+    assert f"{scored:,} tokens scored" in out.stdout
+    noise = [line for line in out.stderr.splitlines() if "Dataset" in line or "Progress" in line]
+    assert not noise, noise
+
+
+def test_tiling_windows_predict_every_token_once():
+    import numpy as np
+
+    from moe_ray.data import tiling_windows
+    from moe_ray.train.evaluate import evaluate
+
+    tokens = np.arange(1000) % 256
+    windows = tiling_windows(tokens, 32, 2, 5)
+    rows = torch.cat(windows)
+    assert rows.shape[1] == 34 and [w.shape[0] for w in windows][-1] < 5  # an uneven last batch
+    predicted = torch.cat([r[1:33] for r in rows])  # each window's trunk targets
+    assert (
+        predicted.tolist() == [i % 256 for i in range(1, 1 + len(predicted))]
+        and len(predicted) == (1000 - 2) // 32 * 32
+    )
+    # The loss over uneven batches is the mean over all rows, as one batch would give it.
+    job = tiny_job(".", model__max_seq_len=48)
+    from moe_ray.train.trainer import build_model
+
+    model = build_model(job.model, job.balance, 0, torch.device("cpu"))
+    windows = tiling_windows(tokens, 32, 2, 3)
+    assert evaluate(model, windows).loss == pytest.approx(evaluate(model, [torch.cat(windows)]).loss, rel=1e-5)

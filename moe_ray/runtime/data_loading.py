@@ -9,7 +9,10 @@ workers see the identical stream whatever their number.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,30 @@ def _format(cfg: DataConfig) -> str:
     raise DataError(f"cannot tell the format of {cfg.source!r}: set data.format to text, jsonl or parquet")
 
 
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """No Ray Data progress bars or per-dataset INFO lines: a run or eval prints one line of its
+    own about what it read instead of a screenful per dataset."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, logger.level
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)  # also its "progress bars disabled" notice
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, level = saved
+        logger.setLevel(level)
+
+
 def read_documents(cfg: DataConfig) -> list[str]:
+    with quiet_ray_data():
+        return _read_documents(cfg)
+
+
+def _read_documents(cfg: DataConfig) -> list[str]:
     import ray.data
 
     fmt = _format(cfg)
@@ -118,27 +144,46 @@ def _load_task(cfg: dict, vocab_size: int) -> tuple[TokenSplits, str]:
     return splits, splits.description
 
 
-def load_token_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
-    if cfg.source == "builtin":
-        if cfg.tokenizer != "bytes":
-            raise DataError("the built-in corpus uses byte tokens: set data.tokenizer to 'bytes'")
-        return builtin_corpus(cfg.max_bytes)
+def _tokenized_documents(cfg: DataConfig, vocab_size: int) -> tuple[list[np.ndarray], type]:
+    """Every document of a user source as token ids, and the dtype that holds them."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer is not None and tokenizer.get_vocab_size() > vocab_size:
         raise DataError(
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {vocab_size}: "
             "raise model.vocab_size"
         )
-    docs = read_documents(cfg)
-    pieces = tokenize(docs, tokenizer)
+    return tokenize(read_documents(cfg), tokenizer), (np.uint8 if tokenizer is None else np.int32)
+
+
+def _builtin(cfg: DataConfig) -> TokenSplits:
+    if cfg.tokenizer != "bytes":
+        raise DataError("the built-in corpus uses byte tokens: set data.tokenizer to 'bytes'")
+    return builtin_corpus(cfg.max_bytes)
+
+
+def load_whole(cfg: DataConfig, vocab_size: int) -> tuple[np.ndarray, str]:
+    """ALL of a source as one token stream (for `moe-ray eval --data`): every document, no
+    split, no `max_bytes` cap; and a line saying what was read."""
+    if cfg.source == "builtin":
+        splits = _builtin(cfg)
+        tokens = np.concatenate([splits.train, splits.val])
+        return tokens, f"builtin: the whole built-in corpus, {len(tokens):,} tokens"
+    pieces, dtype = _tokenized_documents(cfg.model_copy(update={"max_bytes": 2**62}), vocab_size)
+    tokens = np.concatenate(pieces).astype(dtype)
+    return tokens, f"{cfg.source}: all {len(pieces)} documents, {len(tokens):,} tokens"
+
+
+def load_token_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
+    if cfg.source == "builtin":
+        return _builtin(cfg)
+    pieces, dtype = _tokenized_documents(cfg, vocab_size)
     nth = cfg.val_every_nth_doc
     val_ids = {i for i in range(len(pieces)) if i % nth == nth - 1} or {len(pieces) - 1}
     val = [p for i, p in enumerate(pieces) if i in val_ids]
     train = [p for i, p in enumerate(pieces) if i not in val_ids]
-    dtype = np.uint8 if tokenizer is None else np.int32
     return TokenSplits(
         train=np.concatenate(train).astype(dtype),
         val=np.concatenate(val).astype(dtype),
-        description=f"{cfg.source}: {len(docs)} documents, {sum(map(len, train)):,} train / "
+        description=f"{cfg.source}: {len(pieces)} documents, {sum(map(len, train)):,} train / "
         f"{sum(map(len, val)):,} val tokens",
     )

@@ -31,11 +31,13 @@ class EvalResult:
 def evaluate(model: MoETransformer, windows: list[torch.Tensor], precision: str = "auto") -> EvalResult:
     was_training = model.training
     model.eval()
-    total, counts = 0.0, None
+    total, rows, counts = 0.0, 0, None
     for window in windows:
         with autocast_context(window.device, precision):
             out = model.compute_loss(window)
-        total += out.lm_loss.item()
+        # Weighted by rows (all of one length): a smaller last batch counts for what it holds.
+        total += out.lm_loss.item() * window.shape[0]
+        rows += window.shape[0]
         counts = out.counts.cpu() if counts is None else counts + out.counts.cpu()
     model.train(was_training)
-    return EvalResult(loss=total / max(1, len(windows)), counts=counts)
+    return EvalResult(loss=total / max(1, rows), counts=counts)
