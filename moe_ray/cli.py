@@ -54,12 +54,12 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
     for line in job_size(job).lines() + ([warning] if warning else []):
         typer.echo(f"# {line}")
     if job.model.init_from:
-        from moe_ray.hf.init_from import LayoutError, check_init_from
-        from moe_ray.hf.tokenizer import job_tokenizer_json
+        from moe_ray.hf.init_from import check_init_from
+        from moe_ray.hf.layout import LayoutError
         from moe_ray.storage.s3 import StorageError
 
         with exit_on(LayoutError, StorageError, code=2):
-            typer.echo(f"# init_from: {check_init_from(job, job_tokenizer_json(job.data.tokenizer))}")
+            typer.echo(f"# init_from: {check_init_from(job)}")
 
 
 @app.command()

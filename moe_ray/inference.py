@@ -112,7 +112,7 @@ def generate(
     logits = model(torch.tensor([prompt], device=device), caches)[0, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        token = _sample(logits.float().cpu(), temperature, top_k, gen)
+        token = sample_token(logits.float().cpu(), temperature, top_k, gen)
         out.append(token)
         if len(out) == max_new_tokens:
             break
@@ -135,7 +135,7 @@ def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> 
     return logits.softmax(-1)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     return int(torch.multinomial(token_probs(logits, temperature, top_k), 1, generator=gen))

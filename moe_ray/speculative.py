@@ -14,12 +14,11 @@ positions whose inputs are committed tokens, so a rejected draft leaves nothing 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from moe_ray.inference import _sample, fit_context, token_probs
+from moe_ray.inference import fit_context, sample_token, token_probs
 from moe_ray.model.transformer import MoETransformer
 
 
@@ -28,17 +27,11 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    seconds: float = 0.0
-    new_tokens: int = 0
 
     @property
     def acceptance(self) -> float:
         """Share of the drafted tokens that the main model accepted."""
         return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / max(self.seconds, 1e-9)
 
 
 def truncate_cache(cache: dict, length: int) -> None:
@@ -72,14 +65,13 @@ def speculative_generate(
     draft_tokens: int | None = None,
 ) -> tuple[list[int], list[int], SpeculativeStats]:
     """As `inference.generate` (same prompt handling and context limit), drafting with the MTP
-    modules: (the prompt tokens used, the new tokens, acceptance and speed)."""
+    modules: (the prompt tokens used, the new tokens, the rounds and acceptance)."""
     depth = len(model.mtp)
     if depth == 0:
         raise ValueError("the model has no MTP module (model.mtp.depth is 0): speculative decoding drafts with it")
     n_draft = draft_tokens or depth
     if n_draft < 1:
         raise ValueError(f"draft_tokens={draft_tokens}: draft at least one token per round")
-    start = time.perf_counter()
     prompt, max_new_tokens = fit_context(prompt, max_new_tokens, model.cfg.max_seq_len)
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -96,7 +88,7 @@ def speculative_generate(
 
     caches: list[dict] = [{} for _ in model.blocks]
     trunk = model.hidden_states(tensor(prompt), caches)  # (1, m, d): positions 0..m-1
-    tokens = prompt + [_sample(logits_of(None, trunk[0, -1]), temperature, top_k, gen)]
+    tokens = prompt + [sample_token(logits_of(None, trunk[0, -1]), temperature, top_k, gen)]
     new = tokens[len(prompt) :]
     # Per draft level: its KV cache and hidden states, over the positions whose inputs are committed.
     level_caches: list[dict] = [{} for _ in range(n_draft)]
@@ -141,7 +133,7 @@ def speculative_generate(
                     break
             a += 1
         if extra is None:  # all drafts accepted, or a greedy mismatch: the main model's next token
-            extra = _sample(logits[a], temperature, top_k, gen)
+            extra = sample_token(logits[a], temperature, top_k, gen)
         accepted = drafts[:a] + [extra]
         stats.rounds += 1
         stats.drafted += k
@@ -152,6 +144,4 @@ def speculative_generate(
         trunk = torch.cat([trunk, h[:, : a + 1]], dim=1)
         tokens += accepted
         new += accepted
-    stats.seconds = time.perf_counter() - start
-    stats.new_tokens = len(new)
     return prompt, new, stats

@@ -15,7 +15,7 @@ from moe_ray.hf.export import export_checkpoint
 from moe_ray.hf.folder import CONFIG, load_into, open_folder
 from moe_ray.hf.init_from import check_init_from, load_init_from
 from moe_ray.hf.layout import LayoutError
-from moe_ray.hf.tokenizer import PROBE, job_tokenizer_json
+from moe_ray.hf.tokenizer import PROBE
 from moe_ray.inference import generate, load_model
 from moe_ray.train.step import LocalBias
 from moe_ray.train.trainer import Trainer, build_model
@@ -185,7 +185,7 @@ def test_init_from_names_every_mismatch(trained, tmp_path):
     job, _, export = trained
     other = hf_job(tmp_path, model__d_model=64, model__moe__n_routed_experts=16, model__init_from=str(export))
     with pytest.raises(LayoutError) as err:
-        check_init_from(other, None)
+        check_init_from(other)
     assert "hidden_size=32 but the job has model.d_model=64" in str(err.value)
     assert "n_routed_experts=8 but the job has model.moe.n_routed_experts=16" in str(err.value)
     # A published-style config that moe-ray's attention cannot reproduce.
@@ -198,9 +198,7 @@ def test_init_from_names_every_mismatch(trained, tmp_path):
     config["num_key_value_heads"] = 1
     (partial / CONFIG).write_text(json.dumps(config))
     with pytest.raises(LayoutError) as err:
-        check_init_from(
-            job.model_copy(update={"model": job.model.model_copy(update={"init_from": str(partial)})}), None
-        )
+        check_init_from(job.model_copy(update={"model": job.model.model_copy(update={"init_from": str(partial)})}))
     assert "partial_rotary_factor=0.5" in str(err.value) and "num_key_value_heads=1" in str(err.value)
     # A job whose tokenizer encodes differently from the folder's.
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -210,7 +208,7 @@ def test_init_from_names_every_mismatch(trained, tmp_path):
     words.save(str(tmp_path / "words.json"))
     fit = hf_job(tmp_path, model__init_from=str(export), data__tokenizer=str(tmp_path / "words.json"))
     with pytest.raises(LayoutError, match="tokenizer encodes text differently"):
-        check_init_from(fit, job_tokenizer_json(fit.data.tokenizer))
+        check_init_from(fit)
     # The validate command shows the same, with exit code 2.
     job_file = tmp_path / "job.yaml"
     job_file.write_text(json.dumps(other.model_dump(mode="json")))
@@ -225,7 +223,7 @@ def test_training_starts_from_the_export_on_ray(local_ray, trained, tmp_path):
     from moe_ray.runtime.driver import run_job
 
     job = hf_job(tmp_path / "runs", train__steps=3, model__init_from=str(trained[2]))
-    check_init_from(job, None)
+    check_init_from(job)
     result = run_job(job, run_name="from-hf")
     trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
     load_init_from(trainer.model, str(trained[2]))

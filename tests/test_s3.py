@@ -188,7 +188,7 @@ def test_init_from_an_s3_folder_loads_each_shard_like_a_local_one(s3_stack, tmp_
         client.upload_file(str(f), BUCKET, f"models/tiny/{f.name}")
     uri = f"s3://{BUCKET}/models/tiny"
     remote_job = job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri})})
-    assert "weights from s3://" in check_init_from(remote_job, None)
+    assert "weights from s3://" in check_init_from(remote_job)
     for experts in (range(0, 4), range(4, 8)):  # the two shards of an EP=2 run
         remote = build_model(job.model, job.balance, 7, torch.device("cpu"), experts)
         local = build_model(job.model, job.balance, 8, torch.device("cpu"), experts)
@@ -198,7 +198,7 @@ def test_init_from_an_s3_folder_loads_each_shard_like_a_local_one(s3_stack, tmp_
             torch.equal(a, b) for a, b in zip(remote.state_dict().values(), local.state_dict().values(), strict=True)
         )
     with pytest.raises(Exception, match="no config.json"):
-        check_init_from(job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri + "x"})}), None)
+        check_init_from(job.model_copy(update={"model": job.model.model_copy(update={"init_from": uri + "x"})}))
 
 
 def test_export_reads_a_2_worker_checkpoint_from_s3(s3_run, tmp_path):

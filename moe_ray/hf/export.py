@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from moe_ray.hf.folder import write_folder
-from moe_ray.hf.layout import LayoutError, export_problems
+from moe_ray.hf.layout import require_exportable
 from moe_ray.hf.tokenizer import byte_tokenizer_json, read_tokenizer_json, tokenizer_files
 from moe_ray.inference import load_model, path_named_by
 
@@ -35,9 +35,7 @@ def export_checkpoint(
     tokenizer.json, when it did not use byte tokens (moe-ray never opens a path a checkpoint names)."""
     loaded = load_model(checkpoint, torch.device("cpu"))
     job = loaded.job
-    problems = export_problems(job.model)
-    if problems:
-        raise LayoutError("this model cannot be exported as glm4_moe:\n  " + "\n  ".join(problems))
+    require_exportable(job.model)  # before the tokenizer is read
     spec = path_named_by("tokenizer", job.data.tokenizer, tokenizer, "--tokenizer")
     text = byte_tokenizer_json() if spec == "bytes" else read_tokenizer_json(spec)
     provenance = {

@@ -1,7 +1,7 @@
 """Hugging Face model folders on disk or S3: write one from a model, read one into a model.
 
 A folder holds config.json, safetensors shards with `model.safetensors.index.json`, the
-tokenizer (tokenizer.json + tokenizer_config.json) and `moe_ray_export.json` (where it came from).
+tokenizer (`hf.tokenizer`) and `moe_ray_export.json` (where it came from).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_ray.hf.layout import LayoutError, extra_tensors, from_hf, hf_config, links, to_hf
+from moe_ray.hf.layout import LayoutError, Link, extra_tensors, from_hf, hf_config, links, their_names, to_hf
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage import s3
 from moe_ray.storage.checkpoint import assign
@@ -27,8 +27,6 @@ from moe_ray.storage.location import Location
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 PROVENANCE = "moe_ray_export.json"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The balance bias steers top-k by steps of ~1e-3: bf16 would erase them (transformers keeps it fp32 too).
 FP32_ALWAYS = ("e_score_correction_bias",)
@@ -180,22 +178,17 @@ def open_folder(uri: str, tensors: set[str] | None = None) -> Iterator[HFFolder]
         yield HFFolder(dest, uri)
 
 
-def expert_range(model: MoETransformer, our_name: str) -> range:
-    experts = model.get_submodule(our_name.rsplit(".", 1)[0])
+def held_experts(model: MoETransformer, link: Link) -> range | None:
+    """The global ids of the experts `model` holds of an expert link (None for other links)."""
+    if not link.per_expert:
+        return None
+    experts = model.get_submodule(link.ours.rsplit(".", 1)[0])
     return range(experts.first_expert, experts.first_expert + experts.n_experts)
 
 
 def needed_tensors(model: MoETransformer) -> set[str]:
     """Their names of the tensors `model` (maybe one worker's shard of the experts) loads."""
-    names = set()
-    for link in links(model.cfg):
-        if link.kind.startswith("experts"):
-            per = 2 if link.kind == "experts_w13" else 1
-            for e in expert_range(model, link.ours):
-                names.update(link.theirs[e * per : (e + 1) * per])
-        else:
-            names.update(link.theirs)
-    return names
+    return {n for link in links(model.cfg) for n in their_names(link, held_experts(model, link))}
 
 
 @torch.no_grad()
@@ -210,11 +203,10 @@ def load_into(model: MoETransformer, read: Callable[[str], torch.Tensor]) -> Non
         raise LayoutError(f"no Hugging Face tensor maps to {missing[:3]}")
     loaded = {}
     for link in table:
-        experts = expert_range(model, link.ours) if link.kind.startswith("experts") else None
-        t = from_hf(link, read, experts)
+        t = from_hf(link, read, held_experts(model, link))
         if t.shape != own[link.ours].shape:
             raise LayoutError(
-                f"{link.theirs[0]}: shape {tuple(t.shape)} gives {link.ours} {tuple(t.shape)}, "
+                f"{link.theirs[0]} gives {link.ours} the shape {tuple(t.shape)}; "
                 f"the model has {tuple(own[link.ours].shape)}"
             )
         loaded[link.ours] = t

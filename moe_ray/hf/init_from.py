@@ -5,16 +5,15 @@ named); each worker then loads only its own experts' tensors (from S3, only thei
 
 from __future__ import annotations
 
-from moe_ray.hf.folder import TOKENIZER, load_into, needed_tensors, open_folder, weight_map_of
+from moe_ray.hf.folder import load_into, needed_tensors, open_folder, weight_map_of
 from moe_ray.hf.layout import LayoutError, import_problems, links
-from moe_ray.hf.tokenizer import check_same_encoding
+from moe_ray.hf.tokenizer import TOKENIZER, check_same_encoding, job_tokenizer_json
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec
 
 
-def check_init_from(job: JobSpec, job_tokenizer_json: str | None) -> str:
-    """Refuse (LayoutError) a folder that does not fit the job; a one-line description if it does.
-    `job_tokenizer_json`: the text of the job's tokenizer.json (None for byte tokens)."""
+def check_init_from(job: JobSpec) -> str:
+    """Refuse (LayoutError) a folder that does not fit the job; a one-line description if it does."""
     uri = job.model.init_from
     with open_folder(uri, tensors=set()) as folder:  # from S3: config, index and tokenizer only
         config = folder.config()
@@ -33,7 +32,8 @@ def check_init_from(job: JobSpec, job_tokenizer_json: str | None) -> str:
         tokenizer = folder.path / TOKENIZER
         if tokenizer.is_file():
             fix = f"set data.tokenizer to {uri}/{TOKENIZER} (or to the tokenizer.json the model was trained with)"
-            check_same_encoding(job_tokenizer_json, tokenizer.read_text(), f"model.init_from {uri}", fix)
+            ours = job_tokenizer_json(job.data.tokenizer)
+            check_same_encoding(ours, tokenizer.read_text(), f"model.init_from {uri}", fix)
     return f"weights from {uri} ({config['num_hidden_layers']} layers, {config['n_routed_experts']} experts)"
 
 
@@ -41,6 +41,3 @@ def load_init_from(model: MoETransformer, uri: str) -> None:
     """Fill `model` (a whole model or one worker's shard) from the folder at `uri`."""
     with open_folder(uri, needed_tensors(model)) as folder, folder.reader() as read:
         load_into(model, read)
-
-
-__all__ = ["LayoutError", "check_init_from", "load_init_from"]

@@ -47,10 +47,15 @@ def export_problems(cfg: ModelConfig) -> list[str]:
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """config.json for `cfg`, every field explicit (defaults differ between transformers and
     vLLM: vLLM assumes partial_rotary_factor 0.5 when it is absent)."""
+    require_exportable(cfg)
+    return _fields(cfg, dtype)
+
+
+def require_exportable(cfg: ModelConfig) -> None:
+    """Raise LayoutError naming every field glm4_moe cannot express."""
     problems = export_problems(cfg)
     if problems:
         raise LayoutError("this model cannot be exported as glm4_moe:\n  " + "\n  ".join(problems))
-    return _fields(cfg, dtype)
 
 
 def _fields(cfg: ModelConfig, dtype: str) -> dict:
@@ -181,6 +186,19 @@ class Link:
     theirs: tuple[str, ...]
     kind: str = "same"
 
+    @property
+    def per_expert(self) -> int:
+        """Their tensors per expert (gate and up, or down); 0 for the other kinds."""
+        return {"experts_w13": 2, "experts_w2": 1}.get(self.kind, 0)
+
+
+def their_names(link: Link, experts: range | None = None) -> tuple[str, ...]:
+    """Their tensor names for `link`; for the expert kinds only those of `experts` (default all)."""
+    per = link.per_expert
+    if not per or experts is None:
+        return link.theirs
+    return tuple(n for e in experts for n in link.theirs[e * per : (e + 1) * per])
+
 
 def _ffn_links(ours: str, theirs: str, moe: bool, n_experts: int) -> list[Link]:
     if not moe:
@@ -297,10 +315,5 @@ def from_hf(link: Link, read: Callable[[str], torch.Tensor], experts: range | No
         return torch.cat([read(n) for n in link.theirs], dim=0)
     if link.kind == "swap":
         return torch.cat(read(link.theirs[0]).chunk(2, dim=1)[::-1], dim=1)
-    per_expert = 2 if link.kind == "experts_w13" else 1
-    experts = range(len(link.theirs) // per_expert) if experts is None else experts
-    stacked = []
-    for e in experts:
-        parts = [read(n).T for n in link.theirs[e * per_expert : (e + 1) * per_expert]]
-        stacked.append(torch.cat(parts, dim=1))
-    return torch.stack(stacked)
+    names, per = their_names(link, experts), link.per_expert
+    return torch.stack([torch.cat([read(n).T for n in names[i : i + per]], dim=1) for i in range(0, len(names), per)])

@@ -13,6 +13,8 @@ from moe_ray.hf.layout import LayoutError
 from moe_ray.storage import s3
 from moe_ray.storage.location import Location
 
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 # Text that exercises what differs between tokenizers: ASCII, code, whitespace runs,
 # multi-byte UTF-8, and characters outside the Basic Multilingual Plane.
 PROBE = "def f(x):\n\treturn x  ** 2  # größe, 東京, naïve café 🙂\r\n\n  end"
@@ -67,7 +69,7 @@ def tokenizer_files(tokenizer_json: str, max_seq_len: int) -> dict[str, bytes]:
         "model_max_length": max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    return {"tokenizer.json": tokenizer_json.encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    return {TOKENIZER: tokenizer_json.encode(), TOKENIZER_CONFIG: json.dumps(config, indent=2).encode()}
 
 
 def encode(tokenizer_json: str | None, text: str) -> list[int]:

@@ -17,7 +17,6 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
-from moe_ray.hf.tokenizer import job_tokenizer_json
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import load_in_cluster
 from moe_ray.runtime.run_tracking import RunTracking
@@ -164,7 +163,7 @@ def run_job(
     start = time.time()
     prepare_storage(job)
     if job.model.init_from:  # a folder that does not fit is refused before anything starts
-        log.warning("init_from: %s", check_init_from(job, job_tokenizer_json(job.data.tokenizer)))
+        log.warning("init_from: %s", check_init_from(job))
     run_name = resolve_run_name(job, resume, run_name)
     started = connect(address, job)
     marker = run_marker(run_name)
