@@ -60,6 +60,11 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
 
         with exit_on(LayoutError, StorageError, code=2):
             typer.echo(f"# init_from: {check_init_from(job)}")
+    from moe_ray.data import DataError
+    from moe_ray.runtime.data_loading import check_data
+
+    with exit_on(DataError, code=2):
+        typer.echo(f"# data: {check_data(job)}")
 
 
 @app.command()
@@ -72,8 +77,8 @@ def run(
 ) -> None:
     """Train a job: coordinator + expert workers on Ray, with checkpoints."""
     from moe_ray.console import ProgressReporter, console
+    from moe_ray.data import DataError
     from moe_ray.hf.layout import LayoutError
-    from moe_ray.runtime.data_loading import DataError
     from moe_ray.runtime.driver import RunError, run_job
     from moe_ray.storage.s3 import StorageError
 
@@ -164,6 +169,67 @@ def scale(
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
 
 
+def _local_ray(address: str | None = None) -> None:
+    """Join `address`, or start a quiet embedded Ray (reading text uses Ray Data)."""
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+@app.command()
+def prepare(
+    source: Annotated[str, typer.Argument(help="Text, JSONL or Parquet: a file or folder, local or s3://.")],
+    out: Annotated[str, typer.Argument(help="A new folder or s3:// prefix for the token shards.")],
+    tokenizer: Annotated[str, typer.Option(help="'bytes', or a tokenizer.json (path or s3://).")] = "bytes",
+    format_: Annotated[str, typer.Option("--format", help="auto (from the name), text, jsonl or parquet.")] = "auto",
+    text_field: Annotated[str, typer.Option(help="The JSONL field / Parquet column holding the text.")] = "text",
+    val_every_nth_doc: Annotated[int, typer.Option(help="Every n-th document goes to validation.")] = 20,
+    max_bytes: Annotated[int | None, typer.Option(help="Read at most this much text (default: all).")] = None,
+    shard_tokens: Annotated[int | None, typer.Option(help="Tokens per shard file (default 2^28).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to run on (default: an embedded local Ray).")] = None,
+) -> None:
+    """Tokenise a corpus once into token shards that runs read by position (data.source: OUT)."""
+    import time
+
+    from pydantic import ValidationError
+
+    from moe_ray.console import follow_prepare
+    from moe_ray.data import DataError
+    from moe_ray.runtime.prepare import prepare as prepare_dataset
+    from moe_ray.spec import DataConfig
+
+    try:
+        cfg = DataConfig(
+            source=source,
+            format=format_,
+            text_field=text_field,
+            tokenizer=tokenizer,
+            val_every_nth_doc=val_every_nth_doc,
+            max_bytes=max_bytes,
+        )
+    except ValidationError as err:
+        typer.echo(f"error: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+    start = time.monotonic()
+    with exit_on(DataError), follow_prepare() as on_progress:
+        if source != "builtin":
+            _local_ray(address)
+        sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
+        manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
+    seconds = time.monotonic() - start
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    typer.echo(
+        f"prepared {source} into {out} in {seconds:.1f} s: {train['documents'] + val['documents']:,} documents, "
+        f"{train['tokens']:,} train / {val['tokens']:,} val tokens ({manifest['dtype']}, "
+        f"{len(train['shards']) + len(val['shards'])} shards), {manifest['text_bytes'] / 1e6 / seconds:.1f} MB/s\n"
+        f"  use it in a job: data.source: {out}"
+        + ("" if tokenizer == "bytes" else f" and data.tokenizer: {out.rstrip('/')}/tokenizer.json")
+    )
+
+
 TokenizerOpt = Annotated[
     str | None,
     typer.Option(help="The tokenizer.json the model was trained with (needed unless it used byte tokens)."),
@@ -185,9 +251,9 @@ def eval_checkpoint(
     ] = None,
 ) -> None:
     """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
-    from moe_ray.data import eval_windows, tiling_windows
+    from moe_ray.data import DataError, eval_windows, tiling_windows
     from moe_ray.inference import evaluate_checkpoint, load_model, path_named_by
-    from moe_ray.runtime.data_loading import DataError, load_token_splits, load_whole
+    from moe_ray.runtime.data_loading import eval_tokens
     from moe_ray.storage.checkpoint import CheckpointError
 
     with exit_on(CheckpointError, DataError, ValueError):
@@ -200,17 +266,13 @@ def eval_checkpoint(
                 "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
             }
         )
-        if data_cfg.source != "builtin":
-            import ray
-
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        _local_ray()
+        tokens, description = eval_tokens(data_cfg, job.model.vocab_size, whole=data is not None)
         if data is None:  # the job's own validation set, as training evaluated it
-            val = load_token_splits(data_cfg, job.model.vocab_size).val
             n = batches or job.train.eval_batches
-            windows = eval_windows(val, job.train.seq_len + 1 + job.model.mtp.depth, job.train.batch_size, n)
-            typer.echo(f"data: the job's validation split, {n} batches of {job.train.batch_size}", err=True)
+            windows = eval_windows(tokens, job.train.seq_len + 1 + job.model.mtp.depth, job.train.batch_size, n)
+            typer.echo(f"data: {description}; {n} batches of {job.train.batch_size}", err=True)
         else:
-            tokens, description = load_whole(data_cfg, job.model.vocab_size)
             windows = tiling_windows(tokens, job.train.seq_len, 1 + job.model.mtp.depth, job.train.batch_size)
             windows = windows[:batches] if batches else windows
             typer.echo(f"data: {description}", err=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -87,3 +89,29 @@ class ProgressReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _prepare_line(p: dict) -> str:
+    rate = p["text_bytes"] / 1e6 / max(p["seconds"], 1e-9)
+    return (
+        f"{p['documents']:,} documents, {p['text_bytes'] / 1e6:,.1f} MB of text, {p['tokens']:,} tokens "
+        f"({rate:.1f} MB/s)"
+    )
+
+
+@contextlib.contextmanager
+def follow_prepare(interactive: bool | None = None, every_s: float = 10.0) -> Iterator[Callable[[dict], None]]:
+    """A progress callback for `prepare`: a live status line on a terminal, else a line every `every_s`."""
+    interactive = sys.stderr.isatty() if interactive is None else interactive
+    if interactive:
+        with console.status("preparing ...") as status:
+            yield lambda p: status.update(f"preparing: {_prepare_line(p)}")
+        return
+    last = [time.monotonic()]
+
+    def report(p: dict) -> None:
+        if time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            console.print(f"preparing: {_prepare_line(p)}", highlight=False)
+
+    yield report

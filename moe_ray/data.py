@@ -18,14 +18,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_ray.storage import s3
+from moe_ray.storage.location import Location
 from moe_ray.system import cache_dir
 
 BYTE_VOCAB = 256
+BYTE_EOS = 10  # byte-level documents end with a newline
 VAL_EVERY_NTH_FILE = 20  # every 20th file of the sorted list is validation text
+# Names of the end-of-text token in common tokenizers, the first one found separates documents.
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "<|im_end|>", "[SEP]")
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)
 class TokenSplits:
+    """In-memory splits; a prepared dataset (`storage.token_shards`) has the same .train/.val."""
+
     train: np.ndarray  # 1-D token ids
     val: np.ndarray
     description: str
@@ -39,7 +50,7 @@ def stdlib_files() -> list[Path]:
 
 
 @lru_cache(maxsize=2)
-def builtin_corpus(max_bytes: int = 64 * 2**20) -> TokenSplits:
+def builtin_corpus(max_bytes: int | None = None) -> TokenSplits:
     """The built-in corpus as byte tokens: no download, so the quickstart works offline.
 
     Reading ~2,000 files takes seconds, so the result is kept in the cache folder, keyed by the
@@ -65,12 +76,12 @@ def builtin_corpus(max_bytes: int = 64 * 2**20) -> TokenSplits:
     return splits
 
 
-def read_builtin_corpus(max_bytes: int) -> TokenSplits:
+def read_builtin_corpus(max_bytes: int | None) -> TokenSplits:
     """Read the corpus from the standard library's files. Whole files go to one split (every
     VAL_EVERY_NTH_FILE-th file to validation) so that no validation text is also seen in training."""
     train, val = bytearray(), bytearray()
     for i, path in enumerate(stdlib_files()):
-        if len(train) + len(val) >= max_bytes:
+        if max_bytes is not None and len(train) + len(val) >= max_bytes:
             break
         try:
             data = path.read_bytes()
@@ -114,9 +125,17 @@ def sample_offsets(n_tokens: int, window: int, seed: int, step: int, sample_ids:
 def sample_windows(tokens: np.ndarray, window: int, seed: int, step: int, first: int, count: int) -> torch.Tensor:
     """Windows of `window` tokens for global sample ids first .. first + count - 1 of `step`."""
     ids = np.arange(first, first + count, dtype=np.uint64)
-    offsets = sample_offsets(len(tokens), window, seed, step, ids)
-    batch = np.stack([tokens[o : o + window] for o in offsets]) if count else np.zeros((0, window))
-    return torch.from_numpy(batch.astype(np.int64))
+    return read_windows(tokens, sample_offsets(len(tokens), window, seed, step, ids), window)
+
+
+def read_windows(tokens, starts: np.ndarray, window: int) -> torch.Tensor:
+    """Rows of `window` tokens from each start, of an array or of a prepared split (which reads
+    only those positions, fetching from S3 in parallel)."""
+    if hasattr(tokens, "windows"):
+        rows = tokens.windows(starts, window)
+    else:
+        rows = np.stack([tokens[s : s + window] for s in starts]) if len(starts) else np.zeros((0, window))
+    return torch.from_numpy(rows.astype(np.int64))
 
 
 def batch_digest(windows: torch.Tensor) -> list[str]:
@@ -133,8 +152,7 @@ def eval_windows(tokens: np.ndarray, window: int, batch_size: int, n_batches: in
     if span < 1:
         raise ValueError(f"the validation text ({len(tokens)} tokens) is shorter than one window ({window})")
     starts = np.linspace(0, span - 1, total).astype(np.int64)
-    windows = torch.from_numpy(np.stack([tokens[s : s + window] for s in starts]).astype(np.int64))
-    return list(windows.split(batch_size))
+    return list(read_windows(tokens, starts, window).split(batch_size))
 
 
 def tiling_windows(tokens: np.ndarray, seq_len: int, extra: int, batch_size: int) -> list[torch.Tensor]:
@@ -145,8 +163,7 @@ def tiling_windows(tokens: np.ndarray, seq_len: int, extra: int, batch_size: int
     if len(tokens) < window:
         raise ValueError(f"the text ({len(tokens)} tokens) is shorter than one window ({window})")
     starts = np.arange(0, len(tokens) - window + 1, seq_len)
-    windows = torch.from_numpy(np.stack([tokens[s : s + window] for s in starts]).astype(np.int64))
-    return list(windows.split(batch_size))
+    return list(read_windows(tokens, starts, window).split(batch_size))
 
 
 def decode_bytes(ids) -> str:
@@ -155,3 +172,35 @@ def decode_bytes(ids) -> str:
 
 def encode_bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
+
+
+def load_tokenizer(spec: str):
+    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
+    if spec == "bytes":
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_bytes(spec).decode("utf-8"))
+
+
+def tokenizer_bytes(spec: str) -> bytes:
+    """The tokenizer.json file named by `spec` (a path or s3:// URI)."""
+    if spec.startswith("s3://"):
+        return s3.read_bytes(Location(spec))
+    if not Path(spec).is_file():
+        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
+    return Path(spec).read_bytes()
+
+
+def eos_id(tokenizer) -> int:
+    """The token that ends each document."""
+    if tokenizer is None:
+        return BYTE_EOS
+    for name in EOS_NAMES:
+        token = tokenizer.token_to_id(name)
+        if token is not None:
+            return token
+    raise DataError(
+        f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_NAMES)}): "
+        "add one of them to it as a special token"
+    )

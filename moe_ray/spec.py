@@ -19,14 +19,15 @@ from moe_ray.secrets import looks_secret_key, redact, secret_value_kind
 
 
 class DataConfig(Strict):
-    # "builtin": the standard-library corpus; otherwise a local path or s3:// URI (file or folder).
+    # "builtin": the standard-library corpus; a prepared dataset (`moe-ray prepare`); otherwise
+    # raw text: a local path or s3:// URI (file or folder), prepared into the run's folder on first use.
     source: str = "builtin"
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # JSONL field / Parquet column holding the text
     # "bytes": byte-level tokens (vocab 256); otherwise a path or s3:// URI of a tokenizer.json.
     tokenizer: str = "bytes"
     val_every_nth_doc: PositiveInt = 20  # every n-th document goes to the validation split
-    max_bytes: PositiveInt = 64 * 2**20  # cap on the text read (the built-in corpus is ~30 MB)
+    max_bytes: PositiveInt | None = None  # read at most this much raw text (default: all of it)
 
 
 class WorkerRange(Strict):

@@ -1,17 +1,26 @@
-"""User data read with Ray Data (text, JSONL, Parquet; folders), byte or tokenizer.json tokens."""
+"""Raw text prepared with Ray Data into token shards (text, JSONL, Parquet; folders; bytes or a
+tokenizer.json), read back by position, and runs on raw and prepared data."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import tiny_job
 
-from moe_ray.runtime.data_loading import DataError, load_in_cluster, load_token_splits
+from moe_ray.data import DataError, batch_digest, sample_windows
+from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.driver import run_job
+from moe_ray.runtime.prepare import prepare
 from moe_ray.spec import DataConfig
+from moe_ray.storage.token_shards import open_dataset
 
+CLI = Path(sys.executable).parent / "moe-ray"
 DOCS = [f"document number {i}: " + "lorem ipsum dolor sit amet " * (i % 5 + 1) for i in range(40)]
 
 
@@ -30,6 +39,18 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(DOCS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return tok, path
+
+
 def expected_bytes(docs, nth):
     val = [d for i, d in enumerate(docs) if i % nth == nth - 1]
     train = [d for i, d in enumerate(docs) if i % nth != nth - 1]
@@ -37,50 +58,98 @@ def expected_bytes(docs, nth):
     return enc(train), enc(val)
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 @pytest.mark.parametrize(
     "name, fmt", [("docs.jsonl", "auto"), ("docs.parquet", "auto"), ("docs.txt", "auto"), ("jsonl_folder", "jsonl")]
 )
-def test_formats_give_the_same_stream_in_order(local_ray, corpus, name, fmt):
+def test_formats_give_the_same_stream_in_order(local_ray, corpus, tmp_path, name, fmt):
     cfg = DataConfig(source=str(corpus / name), format=fmt, text_field="body", val_every_nth_doc=10)
-    ref, description = load_in_cluster(cfg, vocab_size=256)  # read and tokenised by a Ray task
-    splits = local_ray.get(ref)
+    manifest = prepare(cfg, str(tmp_path / "ds"), shard_tokens=300)  # many shards: reads cross them
+    data = open_dataset(str(tmp_path / "ds"))
     train, val = expected_bytes(DOCS, 10)
-    assert np.array_equal(splits.train, train) and np.array_equal(splits.val, val)
-    assert description == f"{cfg.source}: 40 documents, {len(train):,} train / {len(val):,} val tokens"
+    assert np.array_equal(data.train[:], train) and np.array_equal(data.val[:], val)
+    assert manifest["splits"]["train"]["documents"] == 36 and len(manifest["splits"]["train"]["shards"]) > 3
+    assert data.description == f"{cfg.source}: 40 documents, {len(train):,} train / {len(val):,} val tokens"
+    # Windows by position equal the same windows of the whole array, across shard boundaries.
+    for step in range(3):
+        assert torch.equal(sample_windows(data.train, 33, 7, step, 2, 6), sample_windows(train, 33, 7, step, 2, 6))
+    starts = np.fromfile(tmp_path / "ds" / "train-docs.u64", dtype="<u8")
+    assert starts[1] == len(DOCS[0].encode()) + 1 and len(starts) == 36
 
 
-def test_tokenizer_json(local_ray, corpus, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def test_prepare_is_deterministic_and_says_what_it_did(local_ray, corpus, tmp_path):
+    args = [str(CLI), "prepare", str(corpus / "docs.parquet"), "--text-field", "body", "--shard-tokens", "500"]
+    first = subprocess.run([*args, str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "40 documents" in first.stdout and f"data.source: {tmp_path / 'a'}" in first.stdout
+    assert "Dataset" not in first.stderr  # no Ray Data progress lines
+    prepare(DataConfig(source=str(corpus / "docs.parquet"), text_field="body"), str(tmp_path / "b"), shard_tokens=500)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")  # byte-identical, manifest included
+    again = subprocess.run([*args, str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds a prepared dataset" in again.stderr
 
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(DOCS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    cfg = DataConfig(source=str(corpus / "docs.jsonl"), text_field="body", tokenizer=str(tmp_path / "tokenizer.json"))
-    splits = load_token_splits(cfg, vocab_size=256)
-    first_train_doc = tok.encode(DOCS[0]).ids
-    assert splits.train[: len(first_train_doc)].tolist() == first_train_doc
-    assert splits.train.max() < tok.get_vocab_size()
+
+def test_tokenizer_json_with_end_of_text_between_documents(local_ray, corpus, word_tokenizer, tmp_path):
+    tok, path = word_tokenizer
+    cfg = DataConfig(source=str(corpus / "docs.jsonl"), text_field="body", tokenizer=str(path))
+    manifest = prepare(cfg, str(tmp_path / "ds"), vocab_limit=256)
+    data = open_dataset(str(tmp_path / "ds"))
+    eos = tok.token_to_id("<|endoftext|>")
+    first = tok.encode(DOCS[0]).ids + [eos] + tok.encode(DOCS[1]).ids
+    assert manifest["eos_id"] == eos and manifest["dtype"] == "uint8"
+    assert data.train[: len(first)].tolist() == first
+    assert (tmp_path / "ds" / "tokenizer.json").read_bytes() == path.read_bytes()
     with pytest.raises(DataError, match="raise model.vocab_size"):
-        load_token_splits(cfg, vocab_size=4)
+        prepare(cfg, str(tmp_path / "small"), vocab_limit=4)
 
 
-def test_bad_data_refused_with_a_clear_message(local_ray, corpus):
-    # Raised inside the Ray task that reads the data, and handed back with its message.
+def test_bad_data_refused_with_a_clear_message_and_nothing_left(local_ray, corpus, tmp_path):
+    out = tmp_path / "out"
     with pytest.raises(DataError, match="does not exist"):
-        load_in_cluster(DataConfig(source=str(corpus / "nope.jsonl")), 256)
-    with pytest.raises(DataError, match=r"no field 'text' \(has \['body', 'id'\]\); set data.text_field"):
-        load_in_cluster(DataConfig(source=str(corpus / "docs.jsonl")), 256)
+        prepare(DataConfig(source=str(corpus / "nope.jsonl")), str(out))
+    # Raised inside Ray Data's tokenising tasks, handed back with its message and the file named.
+    with pytest.raises(DataError, match=r"docs.jsonl: no field 'text' \(has \['body', 'id'\]\); set data.text_field"):
+        prepare(DataConfig(source=str(corpus / "docs.jsonl")), str(out))
     with pytest.raises(DataError, match="set data.format"):
-        load_in_cluster(DataConfig(source=str(corpus / "jsonl_folder")), 256)
+        prepare(DataConfig(source=str(corpus / "jsonl_folder")), str(out))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="found 0 non-empty document"):
+        prepare(DataConfig(source=str(tmp_path / "empty.txt")), str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # no dataset, no staging folder
 
 
-def test_a_run_on_user_data(local_ray, corpus, tmp_path):
+def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp_path):
+    """Raw text is prepared into the run's folder on first use; a prepared dataset is read as is,
+    once the job's tokenizer and vocabulary are checked against it."""
     job = tiny_job(
-        tmp_path,
+        tmp_path / "runs",
         data={"source": str(corpus / "docs.parquet"), "text_field": "body", "val_every_nth_doc": 10},
         train__steps=2,
         train__seq_len=16,
+        train__audit_data=True,
     )
     result = run_job(job, run_name="user-data")
     assert result.final_step == 2 and result.val_loss is not None
+    [cache] = (tmp_path / "runs" / "user-data" / "data").iterdir()
+    data = open_dataset(str(cache))
+    train, _ = expected_bytes(DOCS, 10)
+    window = job.train.seq_len + 1 + job.model.mtp.depth
+    for m in result.progress.metrics:  # the run read exactly the windows of the in-memory stream
+        assert m["batch_digest"] == batch_digest(sample_windows(train, window, job.train.seed, m["step"], 0, 8))
+    assert np.array_equal(data.train[:], train)
+    assert run_dataset(job, "user-data")[0] == str(cache)  # a resume finds it
+
+    tok, path = word_tokenizer
+    prepared = tmp_path / "prepared"
+    prepare(DataConfig(source=str(corpus / "docs.jsonl"), text_field="body", tokenizer=str(path)), str(prepared))
+    with pytest.raises(DataError, match=f"set data.tokenizer to {prepared}/tokenizer.json"):
+        run_dataset(tiny_job(tmp_path / "runs", data={"source": str(prepared)}), "x")
+    small = tiny_job(tmp_path / "runs", data={"source": str(prepared), "tokenizer": str(prepared / "tokenizer.json")})
+    with pytest.raises(DataError, match="raise model.vocab_size"):
+        run_dataset(small.model_copy(update={"model": small.model.model_copy(update={"vocab_size": 8})}), "x")
+    on_prepared = small.model_copy(update={"train": job.train})
+    result = run_job(on_prepared, run_name="prepared-data")
+    assert result.final_step == 2 and not (tmp_path / "runs" / "prepared-data" / "data").exists()

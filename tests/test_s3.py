@@ -4,9 +4,11 @@ import os
 
 import boto3
 import pytest
+import torch
 from conftest import tiny_job
 from faulty_proxy import FaultyProxy
 
+from moe_ray.data import batch_digest, builtin_corpus, sample_offsets, sample_windows
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
@@ -34,7 +36,9 @@ def s3_ray(s3_proxy, local_ray):
 
 @pytest.fixture(scope="module")
 def s3_run(s3_ray):
-    job = tiny_job(f"s3://{BUCKET}/runs", train__steps=4, checkpoint__every=2, resources__workers=2)
+    job = tiny_job(
+        f"s3://{BUCKET}/runs", train__steps=4, checkpoint__every=2, resources__workers=2, train__audit_data=True
+    )
     return job, run_job(job, run_name="s3run")
 
 
@@ -95,30 +99,74 @@ def test_prune_keeps_newest_complete(s3_run):
     assert [c.step for c in list_checkpoints(run)] == before[-1:]
 
 
-def test_user_data_and_tokenizer_read_from_s3(s3_ray, tmp_path):
+def test_resume_with_one_worker_reads_the_same_samples_from_the_runs_s3_data(s3_run):
+    """The run's data (the built-in corpus, prepared into its S3 folder) is read by ranged GETs; a
+    resume of its step-2 checkpoint with 1 worker instead of 2 finds that data again (not
+    prepared anew) and reads exactly the samples of the uninterrupted run."""
+    job, uninterrupted = s3_run
+    copy_run("s3one", lambda key: "/step-00000002/" in key or "/data/" in key)
+    client = boto3.client("s3")
+    [manifest_key] = [
+        o["Key"]
+        for o in s3.list_objects(Location(f"s3://{BUCKET}/runs/s3one/data"))
+        if o["Key"].endswith("/manifest.json")
+    ]
+    written = client.head_object(Bucket=BUCKET, Key=manifest_key)["LastModified"]
+    one = job.model_copy(update={"resources": job.resources.model_copy(update={"workers": 1})})
+    resumed = run_job(one, resume="s3one")
+    assert [m["step"] for m in resumed.progress.metrics] == [2, 3]
+    assert client.head_object(Bucket=BUCKET, Key=manifest_key)["LastModified"] == written
+    digests = {m["step"]: m["batch_digest"] for m in uninterrupted.progress.metrics}
+    assert [m["batch_digest"] for m in resumed.progress.metrics] == [digests[2], digests[3]]
+    data = builtin_corpus(job.data.max_bytes)  # the in-memory stream the data was prepared from
+    window = job.train.seq_len + 1 + job.model.mtp.depth
+    assert digests[3] == batch_digest(sample_windows(data.train, window, job.train.seed, 3, 0, job.train.batch_size))
+
+
+def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_path):
     import json
 
     import numpy as np
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from moe_ray.runtime.data_loading import load_token_splits
+    from moe_ray.runtime.prepare import prepare
     from moe_ray.spec import DataConfig
+    from moe_ray.storage.token_shards import BlockCache, open_dataset
 
     docs = [f"s3 document {i} " * 3 for i in range(12)]
     client = boto3.client("s3")
     client.put_object(
         Bucket=BUCKET, Key="data/corpus.jsonl", Body="\n".join(json.dumps({"text": d}) for d in docs).encode()
     )
-    splits = load_token_splits(DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", val_every_nth_doc=4), 256)
-    assert splits.val.tobytes().decode() == "".join(d + "\n" for i, d in enumerate(docs) if i % 4 == 3)
+    out = f"s3://{BUCKET}/prepared/bytes"
+    prepare(DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", val_every_nth_doc=4), out, shard_tokens=100)
+    assert open_dataset(out).val[:].tobytes().decode() == "".join(d + "\n" for i, d in enumerate(docs) if i % 4 == 3)
+    train = open_dataset(out).train[:]
+    assert train.tobytes().decode() == "".join(d + "\n" for i, d in enumerate(docs) if i % 4 != 3)
+    # A worker's share of a batch: only the 64-byte blocks under its windows are fetched.
+    cache = BlockCache(block_bytes=64, max_bytes=64 * 100)
+    data = open_dataset(out, cache)
+    rows = sample_windows(data.train, 20, 3, 5, 2, 3)
+    assert torch.equal(rows, sample_windows(train, 20, 3, 5, 2, 3))
+    starts = sample_offsets(len(train), 20, 3, 5, np.arange(2, 5, dtype=np.uint64))
+    blocks = {(s // 100, b) for a in starts for s in range(a, a + 20) for b in [(s % 100) // 64]}
+    assert cache.fetches == len(blocks) and cache.fetched_bytes <= 64 * len(blocks)
+    sample_windows(data.train, 20, 3, 5, 2, 3)
+    assert cache.fetches == len(blocks)  # the second read comes from the cache
+
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
     tok.save(str(tmp_path / "tokenizer.json"))
     client.upload_file(str(tmp_path / "tokenizer.json"), BUCKET, "tok/tokenizer.json")
     cfg = DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", tokenizer=f"s3://{BUCKET}/tok/tokenizer.json")
-    ids = load_token_splits(cfg, 256).train
-    assert np.array_equal(ids[: len(tok.encode(docs[0]).ids)], tok.encode(docs[0]).ids)
+    prepare(cfg, f"s3://{BUCKET}/prepared/words")
+    ids = open_dataset(f"s3://{BUCKET}/prepared/words").train[:]
+    assert ids.tolist()[: len(tok.encode(docs[0]).ids) + 1] == tok.encode(docs[0]).ids + [tok.token_to_id("</s>")]
+    assert (
+        client.get_object(Bucket=BUCKET, Key="prepared/words/tokenizer.json")["Body"].read()
+        == (tmp_path / "tokenizer.json").read_bytes()
+    )
 
 
 @pytest.mark.slow

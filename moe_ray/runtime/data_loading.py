@@ -1,189 +1,110 @@
-"""Turn a job's data section into train/val token streams (DESIGN 5.4).
+"""Which prepared dataset a run reads, and the token streams that eval scores (DESIGN 12).
 
-The built-in corpus needs nothing; user data (a local path or s3:// URI, file or folder) is read
-with Ray Data in a fixed order, tokenised, and split by document (every n-th document is
-validation text). This runs once per run, in a Ray task in the cluster (not in the driver,
-which may be a laptop), and its arrays reach every worker through the object store, so all
-workers see the identical stream whatever their number.
+A job's data.source is a prepared dataset (used as is, once its tokenizer and vocabulary are
+checked against the job) or raw text / the built-in corpus, prepared into the run's cache on
+first use: `<checkpoint.storage>/<run>/data/<key>`, where a resume finds it again. Workers open
+the dataset themselves and read their own windows by position; no tokens go through Ray's
+object store.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import hashlib
+import json
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import ray
 
-from moe_ray.data import TokenSplits, builtin_corpus
-from moe_ray.spec import DataConfig
-from moe_ray.storage import s3
-from moe_ray.storage.location import Location
+from moe_ray.data import DataError, tokenizer_bytes
+from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format
+from moe_ray.spec import DataConfig, JobSpec
+from moe_ray.storage.catalog import run_location
+from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest
 
-
-class DataError(Exception):
-    """Data that cannot be used; the message says what to fix."""
+__all__ = ["DataError", "check_data", "check_prepared", "eval_tokens", "quiet_ray_data", "run_dataset"]
 
 
-def _format(cfg: DataConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    src = cfg.source.rstrip("/").lower()
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".txt", "text")):
-        if src.endswith(ext):
-            return fmt
-    raise DataError(f"cannot tell the format of {cfg.source!r}: set data.format to text, jsonl or parquet")
-
-
-@contextlib.contextmanager
-def quiet_ray_data() -> Iterator[None]:
-    """No Ray Data progress bars or per-dataset INFO lines: a run or eval prints one line of its
-    own about what it read instead of a screenful per dataset."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, logger.level
-    ctx.enable_progress_bars = False
-    logger.setLevel(logging.ERROR)  # also its "progress bars disabled" notice
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars, level = saved
-        logger.setLevel(level)
-
-
-def read_documents(cfg: DataConfig) -> list[str]:
-    with quiet_ray_data():
-        return _read_documents(cfg)
-
-
-def _read_documents(cfg: DataConfig) -> list[str]:
-    import ray.data
-
-    fmt = _format(cfg)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same documents in the same order every time
-    src = cfg.source
-    if not src.startswith("s3://") and not Path(src).exists():
-        raise DataError(f"data.source {src!r} does not exist")
-    kwargs = {}
-    if src.startswith("s3://"):
-        kwargs["filesystem"] = Location(src).ray_storage()[1]
-        src = src[5:]
-    if fmt == "text":
-        ds = ray.data.read_text(src, **kwargs)
-        field = "text"
-    elif fmt == "jsonl":
-        ds = ray.data.read_json(src, **kwargs)  # pyarrow reads newline-delimited JSON
-        field = cfg.text_field
-    else:
-        ds = ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs)
-        field = cfg.text_field
-    docs, total = [], 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
-        if field not in batch.column_names:
-            raise DataError(f"{cfg.source}: no field {field!r} (has {batch.column_names}); set data.text_field")
-        for text in batch.column(field).to_pylist():
-            if text:
-                docs.append(text)
-                total += len(text)
-        if total >= cfg.max_bytes:
-            break
-    if len(docs) < 2:
-        raise DataError(f"{cfg.source}: found {len(docs)} non-empty document(s); need at least 2 (train + val)")
-    return docs
-
-
-def load_tokenizer(spec: str):
-    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
-    if spec == "bytes":
-        return None
-    from tokenizers import Tokenizer
-
-    if spec.startswith("s3://"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            f.write(s3.read_bytes(Location(spec)))
-            f.flush()
-            return Tokenizer.from_file(f.name)
-    if not Path(spec).is_file():
-        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
-    return Tokenizer.from_file(spec)
-
-
-def tokenize(docs: list[str], tokenizer) -> list[np.ndarray]:
-    if tokenizer is None:
-        return [np.frombuffer((d + "\n").encode("utf-8"), dtype=np.uint8) for d in docs]
-    ids = tokenizer.encode_batch(docs)
-    return [np.asarray(e.ids, dtype=np.int32) for e in ids]
-
-
-def load_in_cluster(cfg: DataConfig, vocab_size: int):
-    """(an object ref of the run's TokenSplits, their description). The built-in corpus is read
-    here (it is small and cached); user data is read and tokenised by a Ray task, so the driver
-    never holds it. A DataError is raised here, with its message, before anything starts."""
-    if cfg.source == "builtin":
-        splits = load_token_splits(cfg, vocab_size)
-        return ray.put(splits), splits.description
-    splits_ref, description_ref = _load_task.remote(cfg.model_dump(), vocab_size)
-    try:
-        return splits_ref, ray.get(description_ref)
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, DataError):
-            raise DataError(str(err.cause)) from None
-        raise
-
-
-# Retried if its node dies; the result is rebuilt from the same files if its copy is lost.
-@ray.remote(num_cpus=1, num_returns=2, max_retries=3)
-def _load_task(cfg: dict, vocab_size: int) -> tuple[TokenSplits, str]:
-    splits = load_token_splits(DataConfig.model_validate(cfg), vocab_size)
-    return splits, splits.description
-
-
-def _tokenized_documents(cfg: DataConfig, vocab_size: int) -> tuple[list[np.ndarray], type]:
-    """Every document of a user source as token ids, and the dtype that holds them."""
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    if tokenizer is not None and tokenizer.get_vocab_size() > vocab_size:
+def check_prepared(manifest: dict, cfg: DataConfig, vocab_size: int) -> None:
+    """A prepared dataset fits the job: the same tokenizer, a vocabulary the model holds."""
+    uri = cfg.source
+    if manifest["vocab_size"] > vocab_size:
         raise DataError(
-            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {vocab_size}: "
-            "raise model.vocab_size"
+            f"the dataset {uri} has a vocabulary of {manifest['vocab_size']} tokens but model.vocab_size is "
+            f"{vocab_size}: raise model.vocab_size"
         )
-    return tokenize(read_documents(cfg), tokenizer), (np.uint8 if tokenizer is None else np.int32)
+    theirs = manifest["tokenizer"]
+    ours = None if cfg.tokenizer == "bytes" else hashlib.sha256(tokenizer_bytes(cfg.tokenizer)).hexdigest()
+    if ours != theirs["sha256"]:
+        fix = "'bytes'" if theirs["file"] is None else f"{uri.rstrip('/')}/{theirs['file']}"
+        raise DataError(
+            f"the dataset {uri} was tokenised with {theirs['spec']!r}, not with data.tokenizer "
+            f"{cfg.tokenizer!r}: set data.tokenizer to {fix}"
+        )
 
 
-def _builtin(cfg: DataConfig) -> TokenSplits:
-    if cfg.tokenizer != "bytes":
-        raise DataError("the built-in corpus uses byte tokens: set data.tokenizer to 'bytes'")
-    return builtin_corpus(cfg.max_bytes)
+def _cache_key(cfg: DataConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_whole(cfg: DataConfig, vocab_size: int) -> tuple[np.ndarray, str]:
-    """ALL of a source as one token stream (for `moe-ray eval --data`): every document, no
-    split, no `max_bytes` cap; and a line saying what was read."""
+def _prepared_source(cfg: DataConfig, vocab_size: int) -> dict | None:
+    """The manifest when data.source is a prepared dataset (checked against the job), else None."""
     if cfg.source == "builtin":
-        splits = _builtin(cfg)
-        tokens = np.concatenate([splits.train, splits.val])
+        return None
+    try:
+        manifest = read_manifest(cfg.source)
+    except DatasetError as err:
+        raise DataError(str(err)) from None
+    if manifest is not None:
+        check_prepared(manifest, cfg, vocab_size)
+    return manifest
+
+
+def check_data(job: JobSpec) -> str:
+    """What can be checked without reading the text (for `moe-ray validate`); a line saying what
+    the run will read."""
+    cfg = job.data
+    manifest = _prepared_source(cfg, job.model.vocab_size)
+    if manifest is not None:
+        split = manifest["splits"]
+        return f"prepared dataset, {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
+    if cfg.source == "builtin":
+        return "the built-in corpus, prepared into the run's folder on first use"
+    check_source(cfg, job.model.vocab_size)
+    return f"raw {text_format(cfg)} text, prepared into the run's folder on first use"
+
+
+def run_dataset(job: JobSpec, run_name: str, on_progress=None) -> tuple[str, str]:
+    """(the URI of the dataset the run reads, a line saying what it holds)."""
+    cfg = job.data
+    if _prepared_source(cfg, job.model.vocab_size) is not None:
+        uri = cfg.source
+    else:
+        uri = str(run_location(job.checkpoint.storage, run_name).child("data", _cache_key(cfg)))
+        if read_manifest(uri) is None:  # first use (a resume finds it)
+            prepare(cfg, uri, vocab_limit=job.model.vocab_size, on_progress=on_progress, clear_partial=True)
+    return uri, open_dataset(uri).description
+
+
+def eval_tokens(cfg: DataConfig, vocab_size: int, whole: bool) -> tuple[np.ndarray, str]:
+    """Tokens to score: the validation split of cfg's data, or (whole) ALL of it, every document
+    once with no cap; and a line saying what was read. Raw text is prepared into a temporary
+    folder first, exactly as a run would read it."""
+    if _prepared_source(cfg, vocab_size) is not None:
+        return _eval_tokens(open_dataset(cfg.source), whole)
+    if whole:
+        # Everything in training order: with no n-th document, only the last one is "validation".
+        cfg = cfg.model_copy(update={"val_every_nth_doc": 2**62, "max_bytes": None})
+    with tempfile.TemporaryDirectory(prefix="moe-ray-eval-") as tmp:
+        prepare(cfg, f"{tmp}/data", vocab_limit=vocab_size)
+        return _eval_tokens(open_dataset(f"{tmp}/data"), whole)
+
+
+def _eval_tokens(data: PreparedDataset, whole: bool) -> tuple[np.ndarray, str]:
+    splits = data.manifest["splits"]
+    if not whole:
+        return data.val[:], f"{data.manifest['source']}: the validation split, {len(data.val):,} tokens"
+    tokens = np.concatenate([data.train[:], data.val[:]])
+    if data.manifest["text_format"] == "builtin":
         return tokens, f"builtin: the whole built-in corpus, {len(tokens):,} tokens"
-    pieces, dtype = _tokenized_documents(cfg.model_copy(update={"max_bytes": 2**62}), vocab_size)
-    tokens = np.concatenate(pieces).astype(dtype)
-    return tokens, f"{cfg.source}: all {len(pieces)} documents, {len(tokens):,} tokens"
-
-
-def load_token_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
-    if cfg.source == "builtin":
-        return _builtin(cfg)
-    pieces, dtype = _tokenized_documents(cfg, vocab_size)
-    nth = cfg.val_every_nth_doc
-    val_ids = {i for i in range(len(pieces)) if i % nth == nth - 1} or {len(pieces) - 1}
-    val = [p for i, p in enumerate(pieces) if i in val_ids]
-    train = [p for i, p in enumerate(pieces) if i not in val_ids]
-    return TokenSplits(
-        train=np.concatenate(train).astype(dtype),
-        val=np.concatenate(val).astype(dtype),
-        description=f"{cfg.source}: {len(pieces)} documents, {sum(map(len, train)):,} train / "
-        f"{sum(map(len, val)):,} val tokens",
-    )
+    docs = splits["train"]["documents"] + splits["val"]["documents"]
+    return tokens, f"{data.manifest['source']}: all {docs} documents, {len(tokens):,} tokens"

@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
-from moe_ray.runtime.data_loading import load_in_cluster
+from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
@@ -183,7 +183,7 @@ def run_marker(run_name: str) -> Path:
     return cache_dir() / "runs" / f"{run_name}.address"
 
 
-def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> TorchTrainer:
+def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str) -> TorchTrainer:
     """A TorchTrainer for `workers` (a count, or (min, max) for Ray Train's elastic mode). Every
     trainer of a run has the same RunConfig(name, storage): it resumes the run's checkpoints."""
     res = job.resources
@@ -197,7 +197,7 @@ def _trainer(job: JobSpec, run_name: str, workers, data_ref, bias_mode: str) -> 
             # What the workers write into checkpoints: the job with its credentials masked.
             "job_record": job_record(job),
             "run_name": run_name,
-            "data": data_ref,
+            "data": data_uri,
             "bias_mode": bias_mode,
         },
         scaling_config=ScalingConfig(
@@ -229,6 +229,23 @@ def _restart_event(progress: Progress, placement: dict, last_before: dict | None
         "steps_lost": max(0, last_step - placement["step"]),
         "recovery_s": placement["time"] - (last_before["time"] if last_before else placement["time"]),
     }
+
+
+def _log_prepare_progress(every_s: float = 10.0):
+    """A progress callback for preparing raw data on a run's first use: a line every `every_s`."""
+    last = [time.monotonic()]
+
+    def report(p: dict) -> None:
+        if time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            log.warning(
+                "data: preparing, %s documents, %.1f MB of text, %s tokens so far",
+                f"{p['documents']:,}",
+                p["text_bytes"] / 1e6,
+                f"{p['tokens']:,}",
+            )
+
+    return report
 
 
 def _merge(mine: list[dict], new: list[dict]) -> None:
@@ -274,7 +291,7 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
 def _run(
     job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
 ) -> RunResult:
-    data_ref, description = load_in_cluster(job.data, job.model.vocab_size)
+    data_uri, description = run_dataset(job, run_name, on_progress=_log_prepare_progress())
     log.warning("data: %s", redact(description))
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
@@ -293,7 +310,7 @@ def _run(
     cursor = _Cursor()
     while True:
         outcome = _fit_and_follow(
-            _trainer(job, run_name, workers, data_ref, bias_mode),
+            _trainer(job, run_name, workers, data_uri, bias_mode),
             coordinator,
             progress,
             cursor,

@@ -19,7 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from moe_ray.data import TokenSplits, batch_digest, eval_windows, sample_windows
+from moe_ray.data import batch_digest, eval_windows, sample_windows
 from moe_ray.hf.init_from import load_init_from
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
@@ -30,6 +30,7 @@ from moe_ray.runtime.coordinator import get_coordinator
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
+from moe_ray.storage.token_shards import open_dataset
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
 from moe_ray.train.optim import build_optimizer
@@ -164,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         tune_cpu_allocator()
         torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
-    data: TokenSplits = ray.get(config["data"])
+    data = open_dataset(config["data"])  # read by position: only this worker's windows
     coordinator = get_coordinator(run_name)
 
     node_ids = all_gather(ray.get_runtime_context().get_node_id())

@@ -1,0 +1,267 @@
+"""`moe-ray prepare`: raw text (text/JSONL/Parquet, local or s3://) to a prepared token dataset
+(DESIGN 12), with Ray Data.
+
+Ray Data reads the files in a fixed order and tokenises batches in parallel (`map_batches`);
+one Ray task writes the shards in document order (every n-th document to the validation split,
+an end-of-text token after each), so the same input gives byte-identical shards. That task runs
+in the cluster and streams its progress back: the corpus never passes through the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from moe_ray.data import BYTE_VOCAB, DataError, builtin_corpus, eos_id, load_tokenizer, tokenizer_bytes
+from moe_ray.spec import DataConfig
+from moe_ray.storage.location import Location
+from moe_ray.storage.token_shards import (
+    SHARD_TOKENS,
+    DatasetError,
+    DatasetWriter,
+    check_new_location,
+    token_dtype,
+)
+
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's copy inside a dataset
+PROGRESS_EVERY_S = 0.5
+
+
+def text_format(cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    src = cfg.source.rstrip("/").lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".txt", "text")):
+        if src.endswith(ext):
+            return fmt
+    raise DataError(f"cannot tell the format of {cfg.source!r}: set data.format (--format) to text, jsonl or parquet")
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """No Ray Data progress bars or per-dataset INFO lines: moe-ray prints its own summary."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, logger.level
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)  # also its "progress bars disabled" notice
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, level = saved
+        logger.setLevel(level)
+
+
+def tokenizer_vocab(spec: str) -> int:
+    tokenizer = load_tokenizer(spec)
+    return BYTE_VOCAB if tokenizer is None else tokenizer.get_vocab_size()
+
+
+def check_source(cfg: DataConfig, vocab_limit: int | None = None) -> None:
+    """What can be known before reading: the source exists, its format, the tokenizer loads,
+    has an end-of-text token and fits the model's vocabulary."""
+    if not cfg.source.startswith("s3://") and not Path(cfg.source).exists():
+        raise DataError(f"data.source {cfg.source!r} does not exist")
+    text_format(cfg)
+    eos_id(load_tokenizer(cfg.tokenizer))
+    vocab = tokenizer_vocab(cfg.tokenizer)
+    if vocab_limit is not None and vocab > vocab_limit:
+        raise DataError(
+            f"the tokenizer has {vocab} tokens but model.vocab_size is {vocab_limit}: raise model.vocab_size"
+        )
+
+
+def prepare(
+    cfg: DataConfig,
+    out: str,
+    *,
+    vocab_limit: int | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    clear_partial: bool = False,
+) -> dict:
+    """Prepare `cfg.source` (tokenised with `cfg.tokenizer`) into a dataset at `out`; returns its
+    manifest. Bad input raises DataError before or while reading, and leaves no dataset."""
+    if cfg.source == "builtin":
+        return _prepare_builtin(cfg, out, shard_tokens, clear_partial)
+    check_source(cfg, vocab_limit)
+    try:
+        if not clear_partial:
+            check_new_location(out)
+        stream = _prepare_task.options(num_returns="streaming").remote(cfg.model_dump(), out, shard_tokens)
+        for ref in stream:
+            item = ray.get(ref)
+            if "manifest" in item:
+                return item["manifest"]
+            if on_progress:
+                on_progress(item)
+    except (DatasetError, ray.exceptions.RayTaskError) as err:
+        _raise_data_error(err)
+        raise
+    raise RuntimeError("the prepare task ended without a manifest")
+
+
+def _raise_data_error(err: BaseException) -> None:
+    """Raise a plain DataError with the message of the first DataError or DatasetError in a chain
+    of Ray's wrappers (Ray's copies print a traceback as their text: args[0] is the message, to
+    which Ray Data appends lines about its retries: our messages are one line)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (DataError, DatasetError)):
+            raise DataError(str(err.args[0] if err.args else err).split("\n")[0]) from None
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+
+
+def _fields(cfg: DataConfig, vocab: int, eos: int, text_bytes: int) -> dict:
+    tok = None if cfg.tokenizer == "bytes" else tokenizer_bytes(cfg.tokenizer)
+    return {
+        "source": cfg.source,
+        "text_format": "builtin" if cfg.source == "builtin" else text_format(cfg),
+        "text_field": cfg.text_field,
+        "val_every_nth_doc": cfg.val_every_nth_doc,
+        "max_bytes": cfg.max_bytes,
+        "text_bytes": text_bytes,
+        "tokenizer": {
+            "spec": cfg.tokenizer,
+            "file": None if tok is None else TOKENIZER_FILE,
+            "sha256": None if tok is None else hashlib.sha256(tok).hexdigest(),
+        },
+        "vocab_size": vocab,
+        "eos_id": eos,
+    }
+
+
+def _prepare_builtin(cfg: DataConfig, out: str, shard_tokens: int, clear_partial: bool) -> dict:
+    """The built-in corpus, already split by file (see data.builtin_corpus), as one document per split."""
+    if cfg.tokenizer != "bytes":
+        raise DataError("the built-in corpus uses byte tokens: set data.tokenizer to 'bytes'")
+    splits = builtin_corpus(cfg.max_bytes)
+    try:
+        writer = DatasetWriter(out, token_dtype(BYTE_VOCAB), shard_tokens, clear_partial)
+    except DatasetError as err:
+        raise DataError(str(err)) from None
+    with writer:
+        writer.splits["train"].add(splits.train)
+        writer.splits["val"].add(splits.val)
+        fields = _fields(cfg, BYTE_VOCAB, eos_id(None), len(splits.train) + len(splits.val))
+        return writer.finish({**fields, "description": splits.description})
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(spec: str):
+    return load_tokenizer(spec)  # once per Ray Data worker process, not per batch
+
+
+def _tokenize_batch(batch, field: str, tokenizer: str):
+    """A batch of rows -> one row per non-empty document: its token ids (EOS appended, as the
+    bytes of the dataset's dtype) and its text's UTF-8 size."""
+    import pyarrow as pa
+
+    if field not in batch.column_names:
+        path = batch.column("path")[0].as_py() if "path" in batch.column_names and len(batch) else "?"
+        columns = [c for c in batch.column_names if c != "path"]
+        raise DataError(f"{path}: no field {field!r} (has {columns}); set data.text_field (--text-field)")
+    tok = _tokenizer(tokenizer)
+    eos = eos_id(tok)
+    dtype = token_dtype(BYTE_VOCAB if tok is None else tok.get_vocab_size())
+    texts = [t for t in batch.column(field).to_pylist() if t]
+    if tok is None:
+        encoded = [t.encode("utf-8") for t in texts]
+        ids = [np.frombuffer(e + bytes([eos]), dtype=np.uint8).astype(dtype).tobytes() for e in encoded]
+        sizes = [len(e) for e in encoded]
+    else:
+        ids = [np.asarray(e.ids + [eos], dtype=dtype).tobytes() for e in tok.encode_batch(texts)]
+        sizes = [len(t.encode("utf-8")) for t in texts]
+    return pa.table({"ids": pa.array(ids, pa.binary()), "text_bytes": pa.array(sizes, pa.int64())})
+
+
+def _read_text(cfg: DataConfig):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same documents in the same order every time
+    ctx.raise_original_map_exception = True  # our DataError, not a UserCodeException around it
+    fmt, src, kwargs = text_format(cfg), cfg.source, {"include_paths": True}
+    if src.startswith("s3://"):
+        kwargs["filesystem"] = Location(src).ray_storage()[1]
+        src = src[5:]
+    if fmt == "text":
+        return ray.data.read_text(src, **kwargs), "text"
+    if fmt == "jsonl":
+        return ray.data.read_json(src, **kwargs), cfg.text_field  # pyarrow reads newline-delimited JSON
+    return ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs), cfg.text_field
+
+
+# Retried if its node dies: a retry clears what the failed attempt wrote and starts over.
+@ray.remote(num_cpus=1, max_retries=2)
+def _prepare_task(cfg_dict: dict, out: str, shard_tokens: int):
+    try:
+        yield from _prepare_stream(DataConfig.model_validate(cfg_dict), out, shard_tokens)
+    except Exception as err:
+        _raise_data_error(err)  # with its own message, however deep Ray Data wrapped it
+        raise
+
+
+def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
+    vocab = tokenizer_vocab(cfg.tokenizer)
+    nth = cfg.val_every_nth_doc
+    start = last_report = time.monotonic()
+    docs = text_bytes = 0
+    with quiet_ray_data():
+        ds, field = _read_text(cfg)
+        ds = ds.map_batches(
+            _tokenize_batch, fn_kwargs={"field": field, "tokenizer": cfg.tokenizer}, batch_format="pyarrow"
+        )
+        with DatasetWriter(out, token_dtype(vocab), shard_tokens, clear_partial=True) as writer:
+            train, val = writer.splits["train"], writer.splits["val"]
+            held = None  # the latest train document: validation text if no document reaches the n-th
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for ids, size in zip(
+                    batch.column("ids").to_pylist(), batch.column("text_bytes").to_pylist(), strict=True
+                ):
+                    doc = np.frombuffer(ids, dtype=writer.dtype)
+                    if docs % nth == nth - 1:
+                        val.add(doc)
+                    else:
+                        if held is not None:
+                            train.add(held)
+                        held = doc
+                    docs += 1
+                    text_bytes += size
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_EVERY_S:
+                    last_report = now
+                    yield {
+                        "documents": docs,
+                        "text_bytes": text_bytes,
+                        "tokens": train.tokens + val.tokens,
+                        "seconds": now - start,
+                    }
+                if cfg.max_bytes is not None and text_bytes >= cfg.max_bytes:
+                    break
+            if docs < 2:
+                raise DataError(f"{cfg.source}: found {docs} non-empty document(s); need at least 2 (train + val)")
+            if held is None:
+                raise DataError("val_every_nth_doc=1 puts every document in the validation split: raise it")
+            (val if val.documents == 0 else train).add(held)
+            if cfg.tokenizer != "bytes":
+                writer.add_file(TOKENIZER_FILE, tokenizer_bytes(cfg.tokenizer))
+            manifest = writer.finish(_fields(cfg, vocab, eos_id(_tokenizer(cfg.tokenizer)), text_bytes))
+    yield {
+        "documents": docs,
+        "text_bytes": text_bytes,
+        "tokens": train.tokens + val.tokens,
+        "seconds": time.monotonic() - start,
+    }
+    yield {"manifest": manifest}
