@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_ray.storage import s3
-from moe_ray.storage.location import Location
 from moe_ray.system import cache_dir
 
 BYTE_VOCAB = 256
@@ -172,24 +170,6 @@ def decode_bytes(ids) -> str:
 
 def encode_bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
-
-
-def load_tokenizer(spec: str):
-    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
-    if spec == "bytes":
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_bytes(spec).decode("utf-8"))
-
-
-def tokenizer_bytes(spec: str) -> bytes:
-    """The tokenizer.json file named by `spec` (a path or s3:// URI)."""
-    if spec.startswith("s3://"):
-        return s3.read_bytes(Location(spec))
-    if not Path(spec).is_file():
-        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
-    return Path(spec).read_bytes()
 
 
 def eos_id(tokenizer) -> int:

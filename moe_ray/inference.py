@@ -60,7 +60,7 @@ class Tokenizer:
     """Bytes, or the job's tokenizer.json: what the model was trained with."""
 
     def __init__(self, spec: str):
-        from moe_ray.data import load_tokenizer
+        from moe_ray.runtime.prepare import load_tokenizer
 
         self.hf = load_tokenizer(spec)
 

@@ -17,7 +17,7 @@ from moe_ray.data import DataError, batch_digest, sample_windows
 from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.driver import run_job
 from moe_ray.runtime.prepare import prepare
-from moe_ray.spec import DataConfig
+from moe_ray.spec import DataConfig, dump_job
 from moe_ray.storage.token_shards import open_dataset
 
 CLI = Path(sys.executable).parent / "moe-ray"
@@ -147,9 +147,20 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
     prepare(DataConfig(source=str(corpus / "docs.jsonl"), text_field="body", tokenizer=str(path)), str(prepared))
     with pytest.raises(DataError, match=f"set data.tokenizer to {prepared}/tokenizer.json"):
         run_dataset(tiny_job(tmp_path / "runs", data={"source": str(prepared)}), "x")
+    (tmp_path / "job.yaml").write_text(dump_job(tiny_job(tmp_path / "runs", data={"source": str(prepared)})))
+    checked = subprocess.run([str(CLI), "validate", str(tmp_path / "job.yaml")], capture_output=True, text=True)
+    assert checked.returncode == 2 and "set data.tokenizer to" in checked.stderr
     small = tiny_job(tmp_path / "runs", data={"source": str(prepared), "tokenizer": str(prepared / "tokenizer.json")})
     with pytest.raises(DataError, match="raise model.vocab_size"):
         run_dataset(small.model_copy(update={"model": small.model.model_copy(update={"vocab_size": 8})}), "x")
     on_prepared = small.model_copy(update={"train": job.train})
     result = run_job(on_prepared, run_name="prepared-data")
     assert result.final_step == 2 and not (tmp_path / "runs" / "prepared-data" / "data").exists()
+
+
+def test_prepare_progress_lines_off_a_terminal(capsys):
+    from moe_ray.console import follow_prepare
+
+    with follow_prepare(interactive=False, every_s=0) as report:
+        report({"documents": 1200, "text_bytes": 5_000_000, "tokens": 5_001_200, "seconds": 2.0})
+    assert "preparing: 1,200 documents, 5.0 MB of text, 5,001,200 tokens (2.5 MB/s)" in capsys.readouterr().err

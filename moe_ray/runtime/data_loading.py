@@ -15,8 +15,8 @@ import tempfile
 
 import numpy as np
 
-from moe_ray.data import DataError, tokenizer_bytes
-from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format
+from moe_ray.data import DataError
+from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format, tokenizer_bytes
 from moe_ray.spec import DataConfig, JobSpec
 from moe_ray.storage.catalog import run_location
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest

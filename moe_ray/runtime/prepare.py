@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from moe_ray.data import BYTE_VOCAB, DataError, builtin_corpus, eos_id, load_tokenizer, tokenizer_bytes
+from moe_ray.data import BYTE_VOCAB, DataError, builtin_corpus, eos_id
 from moe_ray.spec import DataConfig
+from moe_ray.storage import s3
 from moe_ray.storage.location import Location
 from moe_ray.storage.token_shards import (
     SHARD_TOKENS,
@@ -60,6 +61,24 @@ def quiet_ray_data() -> Iterator[None]:
     finally:
         ctx.enable_progress_bars, level = saved
         logger.setLevel(level)
+
+
+def load_tokenizer(spec: str):
+    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
+    if spec == "bytes":
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_bytes(spec).decode("utf-8"))
+
+
+def tokenizer_bytes(spec: str) -> bytes:
+    """The tokenizer.json file named by `spec` (a path or s3:// URI)."""
+    if spec.startswith("s3://"):
+        return s3.read_bytes(Location(spec))
+    if not Path(spec).is_file():
+        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
+    return Path(spec).read_bytes()
 
 
 def tokenizer_vocab(spec: str) -> int:
