@@ -25,6 +25,7 @@ BENCHES = [
     "router_memory.py",
     "memory.py",
     "decode.py",
+    "data.py",
     "gpu.py",
 ]
 

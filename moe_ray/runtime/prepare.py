@@ -34,6 +34,7 @@ from moe_ray.storage.token_shards import (
 
 TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's copy inside a dataset
 PROGRESS_EVERY_S = 0.5
+TOKENIZE_BATCH = 4096  # documents per map_batches call (Ray Data's default was 3.8x slower here)
 
 
 def text_format(cfg: DataConfig) -> str:
@@ -222,8 +223,10 @@ def _read_text(cfg: DataConfig):
     return ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs), cfg.text_field
 
 
-# Retried if its node dies: a retry clears what the failed attempt wrote and starts over.
-@ray.remote(num_cpus=1, max_retries=2)
+# Retried if its node dies: a retry clears what the failed attempt wrote and starts over. No CPU
+# reserved: it drives the pipeline, as a Ray Data driver does, and leaves the cores to the read
+# and tokenise tasks (holding one made `prepare` 1.8x slower on 2 cores).
+@ray.remote(num_cpus=0, max_retries=2)
 def _prepare_task(cfg_dict: dict, out: str, shard_tokens: int):
     try:
         yield from _prepare_stream(DataConfig.model_validate(cfg_dict), out, shard_tokens)
@@ -240,7 +243,10 @@ def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
     with quiet_ray_data():
         ds, field = _read_text(cfg)
         ds = ds.map_batches(
-            _tokenize_batch, fn_kwargs={"field": field, "tokenizer": cfg.tokenizer}, batch_format="pyarrow"
+            _tokenize_batch,
+            fn_kwargs={"field": field, "tokenizer": cfg.tokenizer},
+            batch_format="pyarrow",
+            batch_size=TOKENIZE_BATCH,
         )
         with DatasetWriter(out, token_dtype(vocab), shard_tokens, clear_partial=True) as writer:
             train, val = writer.splits["train"], writer.splits["val"]
