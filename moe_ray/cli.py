@@ -169,16 +169,6 @@ def scale(
     typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
 
 
-def _local_ray(address: str | None = None) -> None:
-    """Join `address`, or start a quiet embedded Ray (reading text uses Ray Data)."""
-    import ray
-
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-
-
 @app.command()
 def prepare(
     source: Annotated[str, typer.Argument(help="Text, JSONL or Parquet: a file or folder, local or s3://.")],
@@ -215,8 +205,10 @@ def prepare(
         raise typer.Exit(2) from None
     start = time.monotonic()
     with exit_on(DataError), follow_prepare() as on_progress:
-        if source != "builtin":
-            _local_ray(address)
+        if address:
+            import ray
+
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
         manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
     seconds = time.monotonic() - start
@@ -266,7 +258,6 @@ def eval_checkpoint(
                 "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
             }
         )
-        _local_ray()
         tokens, description = eval_tokens(data_cfg, job.model.vocab_size, whole=data is not None)
         if data is None:  # the job's own validation set, as training evaluated it
             n = batches or job.train.eval_batches

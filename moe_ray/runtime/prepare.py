@@ -115,6 +115,8 @@ def prepare(
     if cfg.source == "builtin":
         return _prepare_builtin(cfg, out, shard_tokens, clear_partial)
     check_source(cfg, vocab_limit)
+    if not ray.is_initialized():  # a quiet embedded Ray (the CLI's prepare and eval)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         if not clear_partial:
             check_new_location(out)
