@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -60,15 +61,20 @@ def _prepared_source(cfg: DataConfig, vocab_size: int) -> dict | None:
 
 
 def check_data(job: JobSpec) -> str:
-    """What can be checked without reading the text (for `moe-ray validate`); a line saying what
-    the run will read."""
+    """For `moe-ray validate`: a line saying what the run will read. A local prepared dataset is
+    checked against the job (DataError if it does not fit); S3 data, and a source that is not on
+    this machine, are checked when the run starts, where the data and credentials are."""
     cfg = job.data
+    if cfg.source == "builtin":
+        return "the built-in corpus, prepared into the run's folder on first use"
+    if cfg.source.startswith("s3://") or cfg.tokenizer.startswith("s3://"):
+        return f"{cfg.source} on S3: checked when the run starts"
+    if not Path(cfg.source).exists():
+        return f"{cfg.source} is not on this machine: checked when the run starts"
     manifest = _prepared_source(cfg, job.model.vocab_size)
     if manifest is not None:
         split = manifest["splits"]
         return f"prepared dataset, {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
-    if cfg.source == "builtin":
-        return "the built-in corpus, prepared into the run's folder on first use"
     check_source(cfg, job.model.vocab_size)
     return f"raw {text_format(cfg)} text, prepared into the run's folder on first use"
 
