@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/moe-ray run jobs/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -v --timeout=900
+	$(BIN)/python -m pytest tests -v --timeout=900 --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow" --timeout=600

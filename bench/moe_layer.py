@@ -7,6 +7,7 @@ parameter count, and against the per-expert loop; achieved FLOP/s against a plai
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,11 +26,11 @@ BENCH = "moe_layer"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (under 30 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     tune_cpu_allocator()
-    repeat = 3 if args.quick else 10
+    repeat = 7 if args.quick else 21
     d, hidden, experts, top_k = 256, 128, 64, 6
     cfg = ModelConfig(
         d_model=d,
@@ -54,18 +55,27 @@ def main() -> None:
 
         return run
 
-    t_moe = time_it(fwd_bwd(moe, True), repeat)
-    moe.experts.use_grouped_mm = False
-    t_loop = time_it(fwd_bwd(moe, True), repeat)
-    moe.experts.use_grouped_mm = True
-    t_dense = time_it(fwd_bwd(dense, False), repeat)
+    def looped():
+        moe.experts.use_grouped_mm = False
+        fwd_bwd(moe, True)()
+        moe.experts.use_grouped_mm = True
+
+    # Interleaved: each round times all three once, so machine noise hits them alike; medians.
+    runs = {"moe": fwd_bwd(moe, True), "loop": looped, "dense": fwd_bwd(dense, False)}
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            times[name].append(time_it(fn, 1, warmup=0))
+    t_moe, t_loop, t_dense = (statistics.median(times[n]) for n in ("moe", "loop", "dense"))
     flops = 3 * 2 * args.tokens * active  # forward 2 FLOPs per MAC, backward twice that
-    ref = matmul_flops_per_s(2048, repeat=repeat)
+    ref = matmul_flops_per_s(2048, repeat=5)
     emit(BENCH, "active_params", active, dense_params=dense_params)
     emit(BENCH, "moe_fwd_bwd_ms", round(t_moe * 1e3, 2), tokens=args.tokens)
     emit(BENCH, "dense_fwd_bwd_ms", round(t_dense * 1e3, 2))
     emit(BENCH, "loop_fwd_bwd_ms", round(t_loop * 1e3, 2))
-    emit(BENCH, "moe_over_dense", round(t_moe / t_dense, 3), target="<= 1.0")
+    emit(BENCH, "moe_over_dense", round(t_moe / t_dense, 3), target="<= 1.0", repeats=repeat)
     emit(BENCH, "moe_over_loop", round(t_moe / t_loop, 3))
     emit(BENCH, "moe_gflops", round(flops / t_moe / 1e9, 1), matmul_gflops=round(ref / 1e9, 1))
     emit(BENCH, "flops_fraction_of_matmul", round(flops / t_moe / ref, 3), target=">= 0.5")

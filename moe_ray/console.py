@@ -20,6 +20,19 @@ def _fmt(m: dict, max_vio: list[float] | None) -> str:
     return f"loss {m['loss']:.4f} lm {m['lm_loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tok/s{vio}"
 
 
+def _breakdown(m: dict) -> str:
+    """Where the step's time went (means over the workers), when the worker reported it."""
+    if "time/forward" not in m:
+        return ""
+    ms = {k.split("/", 1)[1]: v * 1e3 for k, v in m.items() if k.startswith("time/")}
+    return (
+        f" | ms: forward {ms['forward']:.0f} + backward {ms['backward']:.0f} (all-to-all waits in them "
+        f"{ms['dispatch_wait']:.0f}), grad reduce {ms['grad_reduce']:.0f}, optimizer {ms['optimizer']:.0f}, "
+        f"coordinator {ms['coordinator_wait']:.0f}"
+        + (f", checkpoint {ms['checkpoint']:.0f}" if ms["checkpoint"] else "")
+    )
+
+
 class ProgressReporter:
     """Callable handed to run_job; shows a bar on a TTY and a line every `log_every` steps otherwise."""
 
@@ -53,13 +66,18 @@ class ProgressReporter:
                 self.task = self.bar.add_task(p.run_name, total=self.total, stats="")
                 self.bar.start()
             self.bar.update(self.task, completed=m["step"] + 1, stats=_fmt(m, p.max_vio))
+            if m["step"] > self.logged_step and (m["step"] + 1) % self.log_every == 0 and _breakdown(m):
+                self.bar.console.print(f"step {m['step'] + 1}{_breakdown(m)}", highlight=False)
+                self.logged_step = m["step"]
         else:
             for entry in p.metrics:
                 step = entry["step"]
                 if step > self.logged_step and (
                     (step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.total
                 ):
-                    console.print(f"step {step + 1}/{self.total} {_fmt(entry, p.max_vio)}", highlight=False)
+                    console.print(
+                        f"step {step + 1}/{self.total} {_fmt(entry, p.max_vio)}{_breakdown(entry)}", highlight=False
+                    )
                     self.logged_step = step
 
     def _event(self, ev: dict) -> None:

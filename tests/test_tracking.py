@@ -7,7 +7,9 @@ from conftest import LocalStack, free_port, tiny_job
 from mlflow.tracking import MlflowClient
 
 from moe_ray.runtime.driver import run_job
+from moe_ray.runtime.worker import TIME_METRICS
 from moe_ray.tracking import Tracker, flatten, quiet_mlflow_http
+from moe_ray.train.step import STEP_PHASES
 
 quiet_mlflow_http()
 
@@ -60,8 +62,15 @@ def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack
         "bias_max/layer_0",
         "val_loss",
         "max_vio_global/mean",
+        *TIME_METRICS,
     ):
         assert client.get_metric_history(run.info.run_id, key), key
+    # The time breakdown: the phases of a step (means over the workers) fit in a step, and the
+    # all-to-all waits are a part of forward + backward.
+    for m in result.progress.metrics:
+        phases = [m[f"time/{p}"] for p in STEP_PHASES]
+        assert min(phases) >= 0 and sum(phases) <= m["step_time"] * 1.2 + 0.01
+        assert 0 < m["time/dispatch_wait"] <= m["time/forward"] + m["time/backward"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [3, 6]
     names = {
         a.path for folder in ("job", "heatmaps", "summary") for a in client.list_artifacts(run.info.run_id, folder)

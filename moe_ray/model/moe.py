@@ -10,6 +10,7 @@ expert-parallel one (moe_ray.parallel.dispatch) sends rows to the ranks that own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,11 +26,18 @@ from moe_ray.model.router import Router
 
 class TokenDispatcher(Protocol):
     def __call__(
-        self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
-    ) -> torch.Tensor:
+        self,
+        rows: torch.Tensor,
+        gates: torch.Tensor,
+        counts: torch.Tensor,
+        experts: GroupedExperts,
+        overlap: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rows: (R, d) sorted by global expert id, gates: (R,) their gate weights,
         counts: (n_routed_experts,) rows per expert. Returns the gate-weighted expert outputs
-        for the same rows, in the same order."""
+        for the same rows, in the same order, and `overlap()`: work that needs none of the
+        routed rows (the shared experts), which a dispatcher that communicates computes while
+        the rows are in flight."""
         ...
 
 
@@ -42,10 +50,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class LocalDispatcher:
     """Every routed expert lives in this process."""
 
-    def __call__(
-        self, rows: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
-    ) -> torch.Tensor:
-        return experts(rows, counts, gates)
+    def __call__(self, rows, gates, counts, experts, overlap=None):
+        return experts(rows, counts, gates), (overlap() if overlap is not None else None)
 
 
 @dataclass
@@ -78,10 +84,11 @@ class MoELayer(nn.Module):
         # Routed rows travel and compute in the autocast dtype (bf16 on GPU): half the bytes in
         # the all-to-all, and grouped GEMMs at bf16 speed.
         rows = gather_rows(flat.to(compute_dtype(flat)), order, inverse, self.top_k)
-        rows = self.dispatcher(rows, r.gates.flatten()[order], r.counts, self.experts)
+        shared = (lambda: self.shared(flat)) if self.shared is not None else None
+        rows, shared_out = self.dispatcher(rows, r.gates.flatten()[order], r.counts, self.experts, shared)
         out = combine_rows(rows, order, inverse, self.top_k)
-        if self.shared is not None:
-            out = out + self.shared(flat)
+        if shared_out is not None:
+            out = out + shared_out
         loss = None
         if self.training:
             batch_shape = (shape[0], shape[1]) if len(shape) == 3 else (1, flat.shape[0])

@@ -115,11 +115,11 @@ def prepare(
     if cfg.source == "builtin":
         return _prepare_builtin(cfg, out, shard_tokens, clear_partial)
     check_source(cfg, vocab_limit)
-    if not ray.is_initialized():  # a quiet embedded Ray (the CLI's prepare and eval)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         if not clear_partial:
             check_new_location(out)
+        if not ray.is_initialized():  # a quiet embedded Ray (the CLI's prepare and eval)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         stream = _prepare_task.options(num_returns="streaming").remote(cfg.model_dump(), out, shard_tokens)
         for ref in stream:
             item = ray.get(ref)

@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from moe_ray.plots import load_heatmap
+from moe_ray.runtime.worker import TIME_METRICS
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, dump_job, job_record, mask
 from moe_ray.storage import checkpoint as ckpt
@@ -58,7 +59,7 @@ class RunTracking:
     def update(self, progress, coordinator) -> None:
         for m in progress.metrics[self.seen["metrics"] :]:
             if self._due(m["step"]):
-                self.tracker.log_metrics(m["step"], {k: m[k] for k in STEP_KEYS if k in m})
+                self.tracker.log_metrics(m["step"], {k: m[k] for k in STEP_KEYS + TIME_METRICS if k in m})
         self.seen["metrics"] = len(progress.metrics)
         for h in progress.history[self.seen["history"] :]:
             if self._due(h["step"]):

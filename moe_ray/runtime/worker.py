@@ -34,10 +34,13 @@ from moe_ray.storage.token_shards import open_dataset
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
 from moe_ray.train.optim import build_optimizer
-from moe_ray.train.step import compute_dtype, train_step
+from moe_ray.train.step import STEP_PHASES, compute_dtype, train_step
 from moe_ray.train.trainer import build_model
 
 log = logging.getLogger("moe_ray.worker")
+# The step's time breakdown, in seconds: the phases of train_step, the part of forward and
+# backward blocked in all-to-alls, and saving the checkpoint before this step.
+TIME_METRICS = tuple(f"time/{p}" for p in (*STEP_PHASES, "dispatch_wait", "checkpoint"))
 
 
 def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -150,12 +153,6 @@ def distributed_eval(ctx: WorkerContext, model, windows: list[torch.Tensor]) -> 
     return float(loss), all_reduce_sum(result.counts.to(torch.int64), ctx.device)
 
 
-def all_reduce_max(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
 def train_loop_per_worker(config: dict) -> None:
     job = JobSpec.model_validate(config["job"])
     run_name = config["run_name"]
@@ -219,6 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
     every = job.checkpoint.every
     multi_node = len(set(placement.node_of_rank)) > 1
     summary: dict = {}
+    checkpoint_s = 0.0  # saving the last checkpoint, reported with the next step's times
     for step in range(start_step, cfg.steps):
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
         res = train_step(
@@ -232,30 +230,13 @@ def train_loop_per_worker(config: dict) -> None:
             sync_gradients=grads.sync,
             clip=grads.clip,
         )
-        # Global means of the losses (each rank's share weighted by its batch share).
-        losses = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss], dtype=torch.float64)
-        losses = all_reduce_sum(losses * (count / cfg.batch_size), device)
-        tokens = cfg.batch_size * cfg.seq_len
-        metrics = {
-            "step": step,
-            "loss": float(losses[0]),
-            "lm_loss": float(losses[1]),
-            "mtp_loss": float(losses[2]),
-            "balance_loss": float(losses[3]),
-            "lr": res.lr,
-            "grad_norm": res.grad_norm,
-            "step_time": res.seconds,
-            "tokens_per_s": tokens / res.seconds,
-            "time": time.time(),
-        }
-        moved = sum(getattr(layer.dispatcher, "bytes_moved", 0) for layer in model.moe_layers())
-        for layer in model.moe_layers():
-            layer.dispatcher.bytes_moved = 0
-        metrics["a2a_bytes"] = int(all_reduce_sum(torch.tensor([moved], dtype=torch.int64), device))
+        metrics = step_metrics(res, step, count / cfg.batch_size, model, checkpoint_s, device)
+        metrics["tokens_per_s"] = cfg.batch_size * cfg.seq_len / res.seconds
+        if not multi_node:
+            metrics.pop("max_nodes_per_token")
+        checkpoint_s = 0.0
         if cfg.audit_data:  # per-sample hashes in global sample order, whatever the world size
             metrics["batch_digest"] = [h for part in all_gather(batch_digest(batch)) for h in part]
-        if multi_node:  # the same condition on every rank: the reduce is collective
-            metrics["max_nodes_per_token"] = all_reduce_max(res.max_nodes or 0, device)
         if rank == 0:
             coordinator.record.remote(metrics)
         done = step + 1
@@ -275,7 +256,9 @@ def train_loop_per_worker(config: dict) -> None:
         # that the new worker group resumes from.
         scale_to = bias_source.desired_workers if bias_source.desired_workers not in (None, world) else None
         if (every and done % every == 0) or scale_to:
+            saving = time.perf_counter()
             save_checkpoint(ctx, model, optimizer, done, metrics, summary)
+            checkpoint_s = time.perf_counter() - saving
             if rank == 0:
                 coordinator.record.remote({"event": "checkpoint", "step": done})
         if scale_to:
@@ -283,6 +266,53 @@ def train_loop_per_worker(config: dict) -> None:
                 event = {"event": "scaling", "step": done, "from": world, "to": scale_to, "time": time.time()}
                 ray.get(coordinator.record.remote(event))
             break
+
+
+def step_metrics(res, step: int, share: float, model, checkpoint_s: float, device: torch.device) -> dict:
+    """The step's metrics over all ranks from ONE small all-gather: losses weighted by each
+    rank's batch share and summed, all-to-all bytes summed, the most nodes any token reached,
+    and the time breakdown averaged over the ranks."""
+    dispatchers = [layer.dispatcher for layer in model.moe_layers()]
+    moved = sum(getattr(d, "bytes_moved", 0) for d in dispatchers)
+    waited = sum(d.clock.seconds for d in dispatchers if hasattr(d, "clock"))
+    for d in dispatchers:
+        if hasattr(d, "clock"):
+            d.bytes_moved, d.clock.seconds = 0, 0.0
+    times = [res.times[p] for p in STEP_PHASES] + [waited, checkpoint_s]
+    mine = torch.tensor(
+        [
+            res.loss * share,
+            res.lm_loss * share,
+            res.mtp_loss * share,
+            res.balance_loss * share,
+            moved,
+            res.max_nodes or 0,
+            *times,
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    ranks = torch.stack(gathered).cpu()
+    total, mean = ranks.sum(0).tolist(), ranks.mean(0).tolist()
+    return {
+        "step": step,
+        "loss": total[0],
+        "lm_loss": total[1],
+        "mtp_loss": total[2],
+        "balance_loss": total[3],
+        "a2a_bytes": int(total[4]),
+        "max_nodes_per_token": int(ranks[:, 5].max()),
+        "lr": res.lr,
+        "grad_norm": res.grad_norm,
+        "step_time": res.seconds,
+        "time": time.time(),
+        **{
+            f"time/{name}": value
+            for name, value in zip((*STEP_PHASES, "dispatch_wait", "checkpoint"), mean[6:], strict=True)
+        },
+    }
 
 
 def _eval_event(step: int, loss: float, counts: torch.Tensor) -> dict:

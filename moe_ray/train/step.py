@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -59,6 +59,15 @@ class StepResult:
     seconds: float
     counts: torch.Tensor  # this process's (n_moe_layers, n_experts) counts
     max_nodes: int | None = None  # most nodes any token reached (node-aware routing only)
+    # Host seconds of the step's phases (STEP_PHASES); on a GPU, where the host waited.
+    times: dict[str, float] = field(default_factory=dict)
+
+
+# The phases of a step, in order. forward and backward include the time blocked in the
+# dispatcher's all-to-alls (reported apart as dispatch_wait by the runtime); grad_reduce is the
+# gradient sync after backward (FSDP reduces during backward); coordinator_wait is the bias for
+# the next step.
+STEP_PHASES = ("forward", "backward", "grad_reduce", "optimizer", "coordinator_wait")
 
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -94,35 +103,43 @@ def train_step(
     clip: Callable[[nn.Module, float], torch.Tensor] = clip_gradients,
 ) -> StepResult:
     """`loss_scale` is 1 / world size in data-parallel runs, so gradients are SUM-reduced."""
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
     model.train()
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     device = window.device
     with autocast_context(device, cfg.precision):
         out = model.compute_loss(window)
+    marks.append(time.perf_counter())
     bias.submit(step, out.counts.detach())
     (out.loss * loss_scale).backward()
+    marks.append(time.perf_counter())
     if sync_gradients is not None:
         sync_gradients(model)
+    marks.append(time.perf_counter())
     grad_norm = clip(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    marks.append(time.perf_counter())
     model.set_expert_bias(bias.next_bias(step))
-    # One host read for all the step's scalars.
-    loss, lm_loss, mtp_loss, balance_loss = torch.stack(
-        [out.loss, out.lm_loss, out.mtp_loss, out.balance_loss]
-    ).tolist()
+    marks.append(time.perf_counter())
+    # One host read for all the step's numbers: scalars and this process's counts together.
+    counts = out.counts.detach()
+    max_nodes = out.max_nodes if out.max_nodes is not None else torch.zeros((), device=device)
+    scalars = torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.balance_loss, grad_norm, max_nodes]).double()
+    host = torch.cat([scalars, counts.flatten().double()]).tolist()
+    loss, lm_loss, mtp_loss, balance_loss, norm, nodes = host[:6]
     return StepResult(
         step=step,
         loss=loss,
         lm_loss=lm_loss,
         mtp_loss=mtp_loss,
         balance_loss=balance_loss,
-        grad_norm=float(grad_norm),
+        grad_norm=norm,
         lr=lr,
         tokens=window.shape[0] * (window.shape[1] - 1 - model.cfg.mtp.depth),
-        seconds=time.perf_counter() - start,
-        counts=out.counts.detach().cpu(),
-        max_nodes=None if out.max_nodes is None else int(out.max_nodes),
+        seconds=time.perf_counter() - marks[0],
+        counts=torch.tensor(host[6:], dtype=counts.dtype).view(counts.shape),
+        max_nodes=None if out.max_nodes is None else int(nodes),
+        times=dict(zip(STEP_PHASES, (b - a for a, b in zip(marks, marks[1:], strict=False)), strict=True)),
     )
