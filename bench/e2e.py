@@ -7,6 +7,7 @@ through the same Ray trainer, same workers, data, steps and tokens, in one run.
 moe_over_dense_tokens_per_s   the MoE run's step time over the dense run's (median step, after
                               warm-up): how much longer the same tokens take (target <= 1.2)
 val_loss_moe, val_loss_dense  validation loss of each at the end (same validation windows)
+step_breakdown_moe / _dense   median step time (ms) and its breakdown (forward, backward, ...)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     import ray
 
     from moe_ray.runtime.driver import run_job
+    from moe_ray.runtime.worker import TIME_METRICS
     from moe_ray.sizing import job_size
 
     with tempfile.TemporaryDirectory(prefix="moe-ray-bench-e2e-") as tmp:
@@ -53,6 +55,13 @@ def main() -> None:
     warm = max(3, steps // 10)
     step_s = {name: statistics.median(m["step_time"] for m in r.progress.metrics[warm:]) for name, r in results.items()}
     active = {name: job_size(job).active_params for name, job in jobs.items()}
+    breakdown = {
+        name: {
+            key.split("/", 1)[1] + "_ms": round(statistics.median(m[key] for m in r.progress.metrics[warm:]) * 1e3, 1)
+            for key in TIME_METRICS
+        }
+        for name, r in results.items()
+    }
     emit(
         BENCH,
         "moe_over_dense_tokens_per_s",
@@ -67,6 +76,8 @@ def main() -> None:
     )
     emit(BENCH, "val_loss_moe", round(results["moe"].val_loss, 4))
     emit(BENCH, "val_loss_dense", round(results["dense"].val_loss, 4))
+    for name, times in breakdown.items():  # where each step's time went (medians, ms)
+        emit(BENCH, f"step_breakdown_{name}", round(step_s[name] * 1e3, 1), **times)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ BENCHES = [
     "memory.py",
     "decode.py",
     "data.py",
+    "overlap.py",
+    "e2e.py",
     "gpu.py",
 ]
 

@@ -98,7 +98,7 @@ class RunTracking:
             history = ray.get(coordinator.load_history.remote(max_points=400), timeout=30)
         except Exception:
             return
-        if not history:
+        if not history or not self.job.model.n_moe_layers:  # an all-dense model has no expert load
             return
         path = load_heatmap(
             [h["step"] for h in history],

@@ -117,7 +117,8 @@ def restore(ctx: WorkerContext, model, optimizer) -> int:
 
 def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metrics: dict, summary: dict) -> None:
     """Every rank writes its shard; rank 0 adds the dense state and the index; one report."""
-    writes_experts = ctx.rank < ctx.placement.ep_size  # the first EP group holds every expert once
+    # The first EP group holds every expert once; an all-dense model has none to write.
+    writes_experts = ctx.rank < ctx.placement.ep_size and bool(model.moe_layers())
     # Every rank takes part in gathering FSDP shards; only the writers keep what is gathered.
     experts = ckpt.expert_tensors(model, optimizer, keep=writes_experts)
     dense = ckpt.dense_tensors(model, optimizer, keep=ctx.rank == 0)
