@@ -169,3 +169,16 @@ def test_checkpoint_damaged_for_one_rank_only_makes_every_rank_fall_back(ep2_run
     assert [p["step"] for p in placement] == [3], placement  # one start, at the older checkpoint
     uninterrupted = [m["loss"] for m in ep2_run.progress.metrics[3:]]
     np.testing.assert_allclose([m["loss"] for m in result.progress.metrics], uninterrupted, rtol=2e-5, atol=1e-6)
+
+
+def test_an_all_dense_model_trains_and_checkpoints_on_two_workers(local_ray, storage):
+    """The dense peer of bench/e2e.py: no MoE layer, so no experts file and no expert load."""
+    from moe_ray.inference import load_model
+
+    job = tiny_job(storage, model__n_dense_layers=3, train__steps=2)
+    result = run_job(job, run_name="all-dense")
+    assert result.final_step == 2 and result.val_loss is not None
+    files = sorted(p.name for p in (storage / "all-dense" / "step-00000002").iterdir())
+    assert not any(f.startswith("experts-") for f in files) and ckpt.DENSE in files
+    loaded = load_model(result.checkpoint, torch.device("cpu"))
+    assert loaded.step == 2 and not loaded.model.moe_layers()
