@@ -219,6 +219,9 @@ def train_loop_per_worker(config: dict) -> None:
     summary: dict = {}
     checkpoint_s = 0.0  # saving the last checkpoint, reported with the next step's times
     for step in range(start_step, cfg.steps):
+        for layer in model.moe_layers():  # count this step's all-to-alls only (not an evaluation's)
+            if hasattr(layer.dispatcher, "clock"):
+                layer.dispatcher.bytes_moved, layer.dispatcher.clock.seconds = 0, 0.0
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
         res = train_step(
             model,
@@ -273,12 +276,9 @@ def step_metrics(res, step: int, share: float, model, checkpoint_s: float, devic
     """The step's metrics over all ranks from ONE small all-gather: losses weighted by each
     rank's batch share and summed, all-to-all bytes summed, the most nodes any token reached,
     and the time breakdown averaged over the ranks."""
-    dispatchers = [layer.dispatcher for layer in model.moe_layers()]
-    moved = sum(getattr(d, "bytes_moved", 0) for d in dispatchers)
-    waited = sum(d.clock.seconds for d in dispatchers if hasattr(d, "clock"))
-    for d in dispatchers:
-        if hasattr(d, "clock"):
-            d.bytes_moved, d.clock.seconds = 0, 0.0
+    dispatchers = [layer.dispatcher for layer in model.moe_layers() if hasattr(layer.dispatcher, "clock")]
+    moved = sum(d.bytes_moved for d in dispatchers)
+    waited = sum(d.clock.seconds for d in dispatchers)
     times = [res.times[p] for p in STEP_PHASES] + [waited, checkpoint_s]
     mine = torch.tensor(
         [
