@@ -171,7 +171,7 @@ def scale(
 
 @app.command()
 def prepare(
-    source: Annotated[str, typer.Argument(help="Text, JSONL or Parquet: a file or folder, local or s3://.")],
+    source: Annotated[str, typer.Argument(help="Text, JSONL or Parquet (file or folder, local or s3://), or builtin.")],
     out: Annotated[str, typer.Argument(help="A new folder or s3:// prefix for the token shards.")],
     tokenizer: Annotated[str, typer.Option(help="'bytes', or a tokenizer.json (path or s3://).")] = "bytes",
     format_: Annotated[str, typer.Option("--format", help="auto (from the name), text, jsonl or parquet.")] = "auto",
