@@ -45,9 +45,9 @@ class RecordingDispatcher:
     def __init__(self):
         self.dtypes = []
 
-    def __call__(self, rows, gates, counts, experts):
+    def __call__(self, rows, gates, counts, experts, overlap=None):
         self.dtypes.append(rows.dtype)
-        return experts(rows, counts, gates)
+        return experts(rows, counts, gates), (overlap() if overlap is not None else None)
 
 
 def moe_layer(seed=0):
