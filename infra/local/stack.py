@@ -170,6 +170,9 @@ def main() -> None:
     args = parser.parse_args()
     stack = LocalStack(Path(args.dir), args.bucket)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C must stop the servers even when this was started from a background job of a
+    # non-interactive shell, which starts its processes with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with stack:
         print("# local stack is up; in another shell:")
         for k, v in stack.env().items():
