@@ -121,7 +121,7 @@ def test_bad_data_refused_with_a_clear_message_and_nothing_left(local_ray, corpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # no dataset, no staging folder
 
 
-def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp_path):
+def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp_path, monkeypatch):
     """Raw text is prepared into the run's folder on first use and trains; a prepared dataset is
     read as is, once the job's tokenizer and vocabulary are checked against it. (Runs that read a
     prepared dataset, local and S3, with restarts and rescaling: test_elastic, test_s3.)"""
@@ -154,8 +154,12 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
     small = tiny_job(tmp_path / "runs", data={"source": str(prepared), "tokenizer": str(prepared / "tokenizer.json")})
     with pytest.raises(DataError, match="raise model.vocab_size"):
         run_dataset(small.model_copy(update={"model": small.model.model_copy(update={"vocab_size": 8})}), "x")
-    # Accepted as it is: the run reads the dataset itself, nothing is prepared into its folder.
+    # Accepted as it is: the run reads the dataset itself, nothing is prepared into its folder;
+    # a relative path reaches the workers as an absolute one (they run in other folders).
     assert run_dataset(small, "on-prepared")[0] == str(prepared)
+    monkeypatch.chdir(tmp_path)
+    relative = small.model_copy(update={"data": small.data.model_copy(update={"source": "prepared"})})
+    assert run_dataset(relative, "on-prepared")[0] == str(prepared.resolve())
     assert not (tmp_path / "runs" / "on-prepared").exists()
 
 

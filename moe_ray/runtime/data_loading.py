@@ -82,6 +82,9 @@ def check_data(job: JobSpec) -> str:
 def run_dataset(job: JobSpec, run_name: str, on_progress=None) -> tuple[str, str]:
     """(the URI of the dataset the run reads, a line saying what it holds)."""
     cfg = job.data
+    if cfg.source != "builtin" and not cfg.source.startswith("s3://"):
+        # Absolute: the workers and the prepare task do not run in the driver's folder.
+        cfg = cfg.model_copy(update={"source": str(Path(cfg.source).expanduser().resolve())})
     if _prepared_source(cfg, job.model.vocab_size) is not None:
         uri = cfg.source
     else:
