@@ -88,6 +88,8 @@ def test_prepare_is_deterministic_and_says_what_it_did(local_ray, corpus, tmp_pa
     assert "Dataset" not in first.stderr  # no Ray Data progress lines
     prepare(DataConfig(source=str(corpus / "docs.parquet"), text_field="body"), str(tmp_path / "b"), shard_tokens=500)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")  # byte-identical, manifest included
+    (tmp_path / "plain").mkdir()  # readable by whoever could read a folder made with mkdir
+    assert (tmp_path / "a").stat().st_mode == (tmp_path / "plain").stat().st_mode
     again = subprocess.run([*args, str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "already holds a prepared dataset" in again.stderr
 

@@ -22,7 +22,7 @@ from moe_ray.hf.layout import LayoutError, Link, extra_tensors, from_hf, hf_conf
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage import s3
 from moe_ray.storage.checkpoint import assign
-from moe_ray.storage.location import Location
+from moe_ray.storage.location import Location, staging_sibling
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -72,7 +72,7 @@ def write_folder(
     tensors = list(hf_tensors(model))
     plan = _shard_plan(tensors, max_shard_bytes, torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_sibling(out)
     try:
         weight_map, total = {}, 0
         for s, indices in enumerate(plan, start=1):

@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,14 @@ class Location:
 
     def __str__(self) -> str:
         return self.uri
+
+
+def staging_sibling(out: Path) -> Path:
+    """A new hidden folder beside `out`, to be renamed to `out` once complete (so an interrupted
+    write never leaves something that looks finished), with the permissions a plain mkdir gives:
+    mkdtemp's owner-only mode would hide the result from other users of a shared filesystem."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_ray.storage import s3
-from moe_ray.storage.location import Location
+from moe_ray.storage.location import Location, staging_sibling
 
 MANIFEST = "manifest.json"
 FORMAT = "moe-ray-tokens"
@@ -141,7 +141,7 @@ class DatasetWriter:
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+            self.staging = staging_sibling(path)
         self.splits = {s: SplitWriter(self.staging, s, dtype, shard_tokens, self._publish) for s in SPLITS}
 
     def _publish(self, name: str) -> None:
