@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moe_ray.runtime.driver import Progress as RunProgress
+from moe_ray.runtime.prepare import at_most_every, progress_line
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -109,27 +110,12 @@ class ProgressReporter:
             self.bar.stop()
 
 
-def _prepare_line(p: dict) -> str:
-    rate = p["text_bytes"] / 1e6 / max(p["seconds"], 1e-9)
-    return (
-        f"{p['documents']:,} documents, {p['text_bytes'] / 1e6:,.1f} MB of text, {p['tokens']:,} tokens "
-        f"({rate:.1f} MB/s)"
-    )
-
-
 @contextlib.contextmanager
 def follow_prepare(interactive: bool | None = None, every_s: float = 10.0) -> Iterator[Callable[[dict], None]]:
     """A progress callback for `prepare`: a live status line on a terminal, else a line every `every_s`."""
     interactive = sys.stderr.isatty() if interactive is None else interactive
     if interactive:
         with console.status("preparing ...") as status:
-            yield lambda p: status.update(f"preparing: {_prepare_line(p)}")
+            yield lambda p: status.update(f"preparing: {progress_line(p)}")
         return
-    last = [time.monotonic()]
-
-    def report(p: dict) -> None:
-        if time.monotonic() - last[0] >= every_s:
-            last[0] = time.monotonic()
-            console.print(f"preparing: {_prepare_line(p)}", highlight=False)
-
-    yield report
+    yield at_most_every(every_s, lambda p: console.print(f"preparing: {progress_line(p)}", highlight=False))

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
+from moe_ray.runtime.prepare import at_most_every, progress_line
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
@@ -231,23 +232,6 @@ def _restart_event(progress: Progress, placement: dict, last_before: dict | None
     }
 
 
-def _log_prepare_progress(every_s: float = 10.0):
-    """A progress callback for preparing raw data on a run's first use: a line every `every_s`."""
-    last = [time.monotonic()]
-
-    def report(p: dict) -> None:
-        if time.monotonic() - last[0] >= every_s:
-            last[0] = time.monotonic()
-            log.warning(
-                "data: preparing, %s documents, %.1f MB of text, %s tokens so far",
-                f"{p['documents']:,}",
-                p["text_bytes"] / 1e6,
-                f"{p['tokens']:,}",
-            )
-
-    return report
-
-
 def _merge(mine: list[dict], new: list[dict]) -> None:
     """Append step entries; a step seen again (re-run after a restart) replaces the old ones."""
     for entry in new:
@@ -291,7 +275,9 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
 def _run(
     job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
 ) -> RunResult:
-    data_uri, description = run_dataset(job, run_name, on_progress=_log_prepare_progress())
+    # Raw data on the run's first use: a log line about its preparation every 10 s.
+    progress = at_most_every(10.0, lambda p: log.warning("data: preparing, %s", progress_line(p)))
+    data_uri, description = run_dataset(job, run_name, on_progress=progress)
     log.warning("data: %s", redact(description))
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers

@@ -21,6 +21,7 @@ import numpy as np
 import ray
 
 from moe_ray.data import BYTE_VOCAB, DataError, builtin_corpus, eos_id
+from moe_ray.hf.tokenizer import TOKENIZER  # the tokenizer's copy inside a dataset, as in an HF folder
 from moe_ray.spec import DataConfig
 from moe_ray.storage import s3
 from moe_ray.storage.location import Location
@@ -32,7 +33,6 @@ from moe_ray.storage.token_shards import (
     token_dtype,
 )
 
-TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's copy inside a dataset
 PROGRESS_EVERY_S = 0.5
 TOKENIZE_BATCH = 4096  # documents per map_batches call (Ray Data's default was 3.8x slower here)
 
@@ -82,8 +82,29 @@ def tokenizer_bytes(spec: str) -> bytes:
     return Path(spec).read_bytes()
 
 
-def tokenizer_vocab(spec: str) -> int:
-    tokenizer = load_tokenizer(spec)
+def progress_line(p: dict) -> str:
+    """One line about a prepare's progress (a progress item of `prepare`'s on_progress)."""
+    rate = p["text_bytes"] / 1e6 / max(p["seconds"], 1e-9)
+    return (
+        f"{p['documents']:,} documents, {p['text_bytes'] / 1e6:,.1f} MB of text, {p['tokens']:,} tokens "
+        f"({rate:.1f} MB/s)"
+    )
+
+
+def at_most_every(seconds: float, report: Callable[[dict], None]) -> Callable[[dict], None]:
+    """`report`, passed on at most once per `seconds` (for log lines, where a live line cannot be)."""
+    last = [time.monotonic()]
+
+    def throttled(p: dict) -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            report(p)
+
+    return throttled
+
+
+def tokenizer_vocab(tokenizer) -> int:
+    """The vocabulary size of a loaded tokenizer (None: bytes)."""
     return BYTE_VOCAB if tokenizer is None else tokenizer.get_vocab_size()
 
 
@@ -93,8 +114,9 @@ def check_source(cfg: DataConfig, vocab_limit: int | None = None) -> None:
     if not cfg.source.startswith("s3://") and not Path(cfg.source).exists():
         raise DataError(f"data.source {cfg.source!r} does not exist")
     text_format(cfg)
-    eos_id(load_tokenizer(cfg.tokenizer))
-    vocab = tokenizer_vocab(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    eos_id(tokenizer)
+    vocab = tokenizer_vocab(tokenizer)
     if vocab_limit is not None and vocab > vocab_limit:
         raise DataError(
             f"the tokenizer has {vocab} tokens but model.vocab_size is {vocab_limit}: raise model.vocab_size"
@@ -145,8 +167,8 @@ def _raise_data_error(err: BaseException) -> None:
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
 
 
-def _fields(cfg: DataConfig, vocab: int, eos: int, text_bytes: int) -> dict:
-    tok = None if cfg.tokenizer == "bytes" else tokenizer_bytes(cfg.tokenizer)
+def _fields(cfg: DataConfig, vocab: int, eos: int, text_bytes: int, tok: bytes | None) -> dict:
+    """The manifest's fields besides the splits; `tok`: the tokenizer.json (None: bytes)."""
     return {
         "source": cfg.source,
         "text_format": "builtin" if cfg.source == "builtin" else text_format(cfg),
@@ -156,7 +178,7 @@ def _fields(cfg: DataConfig, vocab: int, eos: int, text_bytes: int) -> dict:
         "text_bytes": text_bytes,
         "tokenizer": {
             "spec": cfg.tokenizer,
-            "file": None if tok is None else TOKENIZER_FILE,
+            "file": None if tok is None else TOKENIZER,
             "sha256": None if tok is None else hashlib.sha256(tok).hexdigest(),
         },
         "vocab_size": vocab,
@@ -176,7 +198,7 @@ def _prepare_builtin(cfg: DataConfig, out: str, shard_tokens: int, clear_partial
     with writer:
         writer.splits["train"].add(splits.train)
         writer.splits["val"].add(splits.val)
-        fields = _fields(cfg, BYTE_VOCAB, eos_id(None), len(splits.train) + len(splits.val))
+        fields = _fields(cfg, BYTE_VOCAB, eos_id(None), len(splits.train) + len(splits.val), None)
         return writer.finish({**fields, "description": splits.description})
 
 
@@ -196,7 +218,7 @@ def _tokenize_batch(batch, field: str, tokenizer: str):
         raise DataError(f"{path}: no field {field!r} (has {columns}); set data.text_field (--text-field)")
     tok = _tokenizer(tokenizer)
     eos = eos_id(tok)
-    dtype = token_dtype(BYTE_VOCAB if tok is None else tok.get_vocab_size())
+    dtype = token_dtype(tokenizer_vocab(tok))
     texts = [t for t in batch.column(field).to_pylist() if t]
     if tok is None:
         encoded = [t.encode("utf-8") for t in texts]
@@ -238,10 +260,17 @@ def _prepare_task(cfg_dict: dict, out: str, shard_tokens: int):
 
 
 def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
-    vocab = tokenizer_vocab(cfg.tokenizer)
+    tokenizer = _tokenizer(cfg.tokenizer)
+    tokenizer_json = None if tokenizer is None else tokenizer_bytes(cfg.tokenizer)  # copied into the dataset
+    vocab = tokenizer_vocab(tokenizer)
     nth = cfg.val_every_nth_doc
     start = last_report = time.monotonic()
     docs = text_bytes = 0
+
+    def progress() -> dict:
+        tokens = train.tokens + val.tokens
+        return {"documents": docs, "text_bytes": text_bytes, "tokens": tokens, "seconds": time.monotonic() - start}
+
     with quiet_ray_data():
         ds, field = _read_text(cfg)
         ds = ds.map_batches(
@@ -266,15 +295,9 @@ def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
                         held = doc
                     docs += 1
                     text_bytes += size
-                now = time.monotonic()
-                if now - last_report >= PROGRESS_EVERY_S:
-                    last_report = now
-                    yield {
-                        "documents": docs,
-                        "text_bytes": text_bytes,
-                        "tokens": train.tokens + val.tokens,
-                        "seconds": now - start,
-                    }
+                if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    yield progress()
                 if cfg.max_bytes is not None and text_bytes >= cfg.max_bytes:
                     break
             if docs < 2:
@@ -282,13 +305,8 @@ def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
             if held is None:
                 raise DataError("val_every_nth_doc=1 puts every document in the validation split: raise it")
             (val if val.documents == 0 else train).add(held)
-            if cfg.tokenizer != "bytes":
-                writer.add_file(TOKENIZER_FILE, tokenizer_bytes(cfg.tokenizer))
-            manifest = writer.finish(_fields(cfg, vocab, eos_id(_tokenizer(cfg.tokenizer)), text_bytes))
-    yield {
-        "documents": docs,
-        "text_bytes": text_bytes,
-        "tokens": train.tokens + val.tokens,
-        "seconds": time.monotonic() - start,
-    }
+            if tokenizer_json is not None:
+                writer.add_file(TOKENIZER, tokenizer_json)
+            manifest = writer.finish(_fields(cfg, vocab, eos_id(tokenizer), text_bytes, tokenizer_json))
+    yield progress()
     yield {"manifest": manifest}

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moe_ray.data import batch_digest, eval_windows, sample_windows
 from moe_ray.hf.init_from import load_init_from
+from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize, shards_dense
@@ -219,9 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
     summary: dict = {}
     checkpoint_s = 0.0  # saving the last checkpoint, reported with the next step's times
     for step in range(start_step, cfg.steps):
-        for layer in model.moe_layers():  # count this step's all-to-alls only (not an evaluation's)
-            if hasattr(layer.dispatcher, "clock"):
-                layer.dispatcher.bytes_moved, layer.dispatcher.clock.seconds = 0, 0.0
+        for d in ep_dispatchers(model):  # count this step's all-to-alls only (not an evaluation's)
+            d.bytes_moved, d.clock.seconds = 0, 0.0
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
         res = train_step(
             model,
@@ -272,13 +272,17 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
+def ep_dispatchers(model) -> list[ExpertParallelDispatcher]:
+    """The MoE layers' expert-parallel dispatchers: they count the bytes they move and their waits."""
+    return [layer.dispatcher for layer in model.moe_layers() if isinstance(layer.dispatcher, ExpertParallelDispatcher)]
+
+
 def step_metrics(res, step: int, share: float, model, checkpoint_s: float, device: torch.device) -> dict:
     """The step's metrics over all ranks from ONE small all-gather: losses weighted by each
     rank's batch share and summed, all-to-all bytes summed, the most nodes any token reached,
     and the time breakdown averaged over the ranks."""
-    dispatchers = [layer.dispatcher for layer in model.moe_layers() if hasattr(layer.dispatcher, "clock")]
-    moved = sum(d.bytes_moved for d in dispatchers)
-    waited = sum(d.clock.seconds for d in dispatchers)
+    moved = sum(d.bytes_moved for d in ep_dispatchers(model))
+    waited = sum(d.clock.seconds for d in ep_dispatchers(model))
     times = [res.times[p] for p in STEP_PHASES] + [waited, checkpoint_s]
     mine = torch.tensor(
         [
