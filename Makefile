@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU torch that lies on local disk; a machine with an NVIDIA GPU keeps (or gets) its CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: run test test-fast bench bench-full lint setup clean
+.PHONY: run test test-fast bench bench-full study lint setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python bench/run_all.py --full
+
+# The load-balance study (about 50 minutes here): figures into bench/results, plots into
+# bench/results/balance_study/.
+study: $(STAMP)
+	$(BIN)/python bench/balance_study.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_ray tests bench

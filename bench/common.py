@@ -21,6 +21,32 @@ def emit(bench: str, metric: str, value, **extra) -> dict:
     return row
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_results(rows: list[dict], meta: dict) -> None:
+    """Put `rows` into bench/results/latest.json (and its Markdown table), replacing the earlier
+    rows of the same benchmarks and keeping the others': `make bench` and `make study` each
+    refresh their own figures."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "latest.json"
+    replaced = {r["bench"] for r in rows}
+    kept = []
+    if path.is_file():
+        kept = [r for r in json.loads(path.read_text()).get("results", []) if r.get("bench") not in replaced]
+    results = kept + rows
+    path.write_text(json.dumps({"machine": meta, "results": results}, indent=2))
+    lines = [
+        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, "
+        f"torch {meta['torch']} ({meta['mode']}).",
+        "",
+        "| bench | metric | value | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['bench']} | {r['metric']} | {r['value']} | {r.get('target', '')} |" for r in results]
+    (RESULTS / "latest.md").write_text("\n".join(lines) + "\n")
+
+
 def time_it(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     """Median wall time of `fn` in seconds."""
     for _ in range(warmup):

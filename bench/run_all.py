@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, save_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [
@@ -48,20 +48,9 @@ def main() -> None:
         if proc.returncode:
             failed.append(name)
             print(proc.stderr[-3000:], file=sys.stderr)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "mode": "full" if args.full else "quick", **machine()}
-    (out / "latest.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
-    lines = [
-        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, "
-        f"torch {meta['torch']} ({meta['mode']}).",
-        "",
-        "| bench | metric | value | target |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {r['bench']} | {r['metric']} | {r['value']} | {r.get('target', '')} |" for r in rows]
-    (out / "latest.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), file=sys.stderr)
+    save_results(rows, meta)  # the balance study's rows (make study) stay
+    print((HERE / "results" / "latest.md").read_text(), file=sys.stderr)
     if failed:
         sys.exit(f"benchmarks failed: {', '.join(failed)}")
 

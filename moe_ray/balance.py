@@ -19,14 +19,32 @@ def bias_update_speed(cfg: BalanceConfig, step: int, total_steps: int) -> float:
     return cfg.bias_update_speed if step < freeze_at else 0.0
 
 
-def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
-    """b_i <- b_i + gamma * sign(c_mean - c_i) over the last dimension (DESIGN 3.1).
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float, policy: str = "sign") -> torch.Tensor:
+    """One step of the bias controller over the last dimension (DESIGN 3.1, 13).
 
     `counts` are the GLOBAL counts of one step (all micro-batches, all replicas); works on one
-    layer (experts,) or a stack (layers, experts)."""
+    layer (experts,) or a stack (layers, experts).
+      sign:          b_i <- b_i + gamma * sign(c_mean - c_i)             (the paper's rule)
+      proportional:  b_i <- b_i + gamma * clip((c_mean - c_i) / c_mean, -1, 1)
+    The proportional step shrinks with the load error, so near balance the bias moves by the
+    sampling noise of the counts times gamma instead of a full gamma every step (the sign rule's
+    limit cycle), while a far-off expert still moves by up to gamma."""
     counts = counts.to(torch.float64)
     mean = counts.mean(dim=-1, keepdim=True)
-    return bias + gamma * torch.sign(mean - counts).to(bias.dtype)
+    if policy == "sign":
+        step = torch.sign(mean - counts)
+    elif policy == "proportional":
+        step = ((mean - counts) / mean.clamp_min(1e-12)).clamp(-1.0, 1.0)
+    else:
+        raise ValueError(f"unknown balance.policy {policy!r}: use sign or proportional")
+    return bias + (gamma * step).to(bias.dtype)
+
+
+def next_bias(
+    cfg: BalanceConfig, bias: torch.Tensor, counts: torch.Tensor, step: int, total_steps: int
+) -> torch.Tensor:
+    """The bias for step + 1 from the global counts of `step`: the job's policy at the scheduled gamma."""
+    return update_bias(bias, counts, bias_update_speed(cfg, step, total_steps), cfg.policy)
 
 
 def max_violation(counts: torch.Tensor) -> torch.Tensor:

@@ -140,19 +140,49 @@ def scale(
     ] = None,
 ) -> None:
     """Change a running run's worker count: it finishes its step, checkpoints, and continues."""
+    from moe_ray.runtime.driver import request_scale
+
+    out = _control_run(run, address, "scale", ["--workers", str(workers)], lambda: request_scale(run, workers))
+    if out is None:
+        return
+    if out.get("unchanged"):
+        typer.echo(f"{run} already runs {workers} workers: nothing to do")
+    else:
+        typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
+
+
+@app.command()
+def rebalance(
+    run: Annotated[str, typer.Argument(help="A local run name, or the submission id of a submitted job.")],
+    address: Annotated[
+        str | None, typer.Option(help="For a submitted job: the Ray dashboard (http://HEAD:8265).")
+    ] = None,
+) -> None:
+    """Place a running run's experts by their recent load so every worker gets about as many
+    tokens: it finishes its step, checkpoints, and continues with the new placement."""
+    from moe_ray.runtime.driver import request_rebalance
+
+    out = _control_run(run, address, "rebalance", [], lambda: request_rebalance(run))
+    if out is not None:
+        typer.echo(f"{run}: experts placed by load on its {out['world_size']} workers at the next step boundary")
+
+
+def _control_run(run: str, address: str | None, command: str, args: list[str], ask):
+    """Send `command` to a run's coordinator: through a small job in the cluster for a submitted
+    job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply)."""
     import ray
 
-    from moe_ray.runtime.driver import RunError, request_scale
+    from moe_ray.runtime.driver import RunError
 
     _run_name(run, "RUN")
     if run.startswith("moe-ray-") and address and address.startswith("http"):
         # A submitted job: its coordinator lives in the cluster; ask from a small job there.
-        from moe_ray.submit import SubmitError, scale_submitted
+        from moe_ray.submit import SubmitError, control_submitted
 
         with exit_on(SubmitError, JobSpecError):
-            sub = scale_submitted(address, run, workers)
-        typer.echo(f"scale request for {run} sent ({sub})")
-        return
+            sub = control_submitted(address, run, command, *args)
+        typer.echo(f"{command} request for {run} sent ({sub})")
+        return None
     from moe_ray.runtime.driver import run_marker
 
     marker = run_marker(run)
@@ -164,9 +194,8 @@ def scale(
     enable_token_auth()
     with exit_on(ConnectionError):
         ray.init(address=address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
-    with exit_on(RunError):
-        out = request_scale(run, workers)
-    typer.echo(f"{run}: {out['world_size']} -> {workers} workers at the next step boundary")
+    with exit_on(RunError, ValueError):
+        return ask()
 
 
 @app.command()

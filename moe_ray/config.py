@@ -162,6 +162,13 @@ class BalanceConfig(Strict):
     # loss_free: per-expert bias updated from global counts; aux_loss: classic Switch/GShard loss.
     method: Literal["loss_free", "aux_loss", "none"] = "loss_free"
     bias_update_speed: float = Field(0.001, ge=0.0)  # gamma
+    # The coordinator's bias controller (DESIGN 13): sign is the paper's rule; proportional
+    # scales each expert's step by its relative load error (clipped to 1).
+    policy: Literal["sign", "proportional"] = "sign"
+    # Expert placement at each (re)start of the worker group (DESIGN 13): contiguous blocks, or
+    # balanced: packed from the coordinator's recent load so every rank gets about as many
+    # tokens. `moe-ray rebalance RUN` applies a balanced placement once, whatever this says.
+    placement: Literal["contiguous", "balanced"] = "contiguous"
     # gamma is 0 for this final fraction of training (V3: the last ~3% of tokens).
     bias_freeze_fraction: float = Field(0.03, ge=0.0, le=1.0)
     aux_loss_alpha: float = Field(0.001, ge=0.0)
@@ -177,6 +184,7 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
+    router_weight_decay: bool = True  # weight decay on the routers' weights too
     beta1: float = Field(0.9, gt=0.0, lt=1.0)
     beta2: float = Field(0.95, gt=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping

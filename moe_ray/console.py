@@ -99,6 +99,8 @@ class ProgressReporter:
             )
         elif kind == "scale_requested":
             text = f"scale requested: {ev['workers']} workers from the next step boundary"
+        elif kind == "rebalance_requested":
+            text = "rebalance requested: experts placed by load from the next step boundary"
         elif kind == "coordinator_restart":
             text = f"coordinator restarted at step {ev['step']}; re-seeded with the workers' bias"
         else:

@@ -65,10 +65,9 @@ def run_entrypoint(run_name: str) -> str:
     return shlex.join(["python", "-m", "moe_ray.cli", "run", "job.yaml", "--address", "auto", "--run", run_name])
 
 
-def scale_entrypoint(run_name: str, workers: int) -> str:
-    return shlex.join(
-        ["python", "-m", "moe_ray.cli", "scale", run_name, "--workers", str(int(workers)), "--address", "auto"]
-    )
+def control_entrypoint(command: str, run_name: str, *args: str) -> str:
+    """`moe-ray scale|rebalance RUN ...` run inside the cluster, against its Ray."""
+    return shlex.join(["python", "-m", "moe_ray.cli", command, run_name, *args, "--address", "auto"])
 
 
 def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
@@ -128,9 +127,9 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
         return None, None  # tracking never blocks a submission; the driver creates the run later
 
 
-def scale_submitted(address: str, submission_id: str, workers: int) -> str:
-    """Send `moe-ray scale` to the coordinator of a submitted job, from a small job in its
-    cluster (the coordinator is reachable only from inside). Returns that job's id."""
+def control_submitted(address: str, submission_id: str, command: str, *args: str) -> str:
+    """Send `moe-ray scale` or `rebalance` to the coordinator of a submitted job, from a small
+    job in its cluster (the coordinator is reachable only from inside). Returns that job's id."""
     jobs = client(address)
     try:
         info = jobs.get_job_info(submission_id)
@@ -141,11 +140,11 @@ def scale_submitted(address: str, submission_id: str, workers: int) -> str:
         raise SubmitError(f"{submission_id} is not a moe-ray job")
     check_run_name(run_name, "the job's moe_ray.run metadata")
     if info.status.is_terminal():
-        raise SubmitError(f"{submission_id} has ended ({info.status.value}); nothing to scale")
+        raise SubmitError(f"{submission_id} has ended ({info.status.value}); nothing to {command}")
     helper = jobs.submit_job(
-        entrypoint=scale_entrypoint(run_name, workers),
+        entrypoint=control_entrypoint(command, run_name, *args),
         runtime_env={"py_modules": [str(Path(moe_ray.__file__).parent)]},
-        metadata={"moe_ray.scale_of": submission_id},
+        metadata={f"moe_ray.{command}_of": submission_id},
     )
     return helper
 

@@ -7,6 +7,7 @@ from moe_ray.balance import (
     aux_balance_loss,
     bias_update_speed,
     max_violation,
+    next_bias,
     router_z_loss,
     sequence_balance_loss,
     update_bias,
@@ -23,6 +24,46 @@ def test_bias_rule_sign():
     # Exactly-mean experts stay put; works on a (layers, experts) stack.
     stack = update_bias(torch.zeros(2, 3), torch.tensor([[3, 3, 3], [0, 3, 6]]), gamma=0.5)
     torch.testing.assert_close(stack, torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, -0.5]]))
+
+
+def test_proportional_policy_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 200, (3, 16), generator=g)
+    counts[0, 5] = 10_000  # far overloaded: the step is clipped to -gamma
+    bias = torch.randn(3, 16, generator=g)
+    got = update_bias(bias, counts, gamma=0.01, policy="proportional")
+    for layer in range(3):
+        mean = counts[layer].double().mean().item()
+        for e in range(16):
+            error = max(-1.0, min(1.0, (mean - counts[layer, e].item()) / mean))
+            assert got[layer, e].item() == pytest.approx(bias[layer, e].item() + 0.01 * error, abs=1e-6)
+    assert got[0, 5].item() == pytest.approx(bias[0, 5].item() - 0.01)
+    # next_bias: the job's policy at the scheduled gamma (0 once frozen).
+    cfg = BalanceConfig(bias_update_speed=0.01, policy="proportional", bias_freeze_fraction=0.5)
+    assert torch.equal(next_bias(cfg, bias, counts, 0, 10), got)
+    assert torch.equal(next_bias(cfg, bias, counts, 5, 10), bias)
+    with pytest.raises(ValueError, match="unknown balance.policy 'pid'"):
+        update_bias(bias, counts, 0.01, policy="pid")
+
+
+def test_proportional_settles_where_the_sign_rule_cycles():
+    """A fixed batch (the router does not learn): the sign rule moves every bias by a full gamma
+    every step, so the loads cycle around balance; the proportional step shrinks with the error."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_routed_experts=16, expert_hidden=8, top_k=4)
+    router = Router(32, cfg)
+    torch.nn.init.normal_(router.weight, std=0.1)
+    x = torch.randn(2048, 32)
+    final = {}
+    for policy in ("sign", "proportional"):
+        router.expert_bias.zero_()
+        vio = []
+        for _ in range(600):
+            out = router(x)
+            vio.append(float(max_violation(out.counts)))
+            router.expert_bias.copy_(update_bias(router.expert_bias, out.counts, gamma=0.01, policy=policy))
+        final[policy] = sum(vio[-100:]) / 100
+    assert final["proportional"] < 0.5 * final["sign"], final
 
 
 def test_bias_schedule_freezes_at_the_end_and_only_for_loss_free():

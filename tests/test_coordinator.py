@@ -111,3 +111,32 @@ def test_recent_log_positions_survive_trimming():
     assert log.since(8) == [8, 9]
     assert log.since(0) == log.items  # a reader that fell behind gets what is left
     assert log.since(10) == []
+
+
+def test_placement_plan_packs_the_recent_load_when_asked():
+    from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS
+
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    assert state.plan_placement(EXPERTS, 2, [0, 0], False) == {"orders": None}  # no load yet
+    gen = state.begin(0, 2, None)
+    skewed = np.array([[90, 80, 10, 20], [5, 50, 60, 5]])  # contiguous blocks: {0,1} heavy in layer 0
+    state.exchange(gen, 0, skewed)
+    state.exchange(gen, 1, skewed * 3)
+    torch.testing.assert_close(state.recent_load, torch.tensor(skewed * 2.0, dtype=torch.float64))  # the mean so far
+    for step in range(2, LOAD_HORIZON_STEPS + 1):
+        state.exchange(gen, step, skewed * 2)
+    state.exchange(gen, LOAD_HORIZON_STEPS + 1, skewed * 102)  # then a moving average over the horizon
+    torch.testing.assert_close(state.recent_load, torch.tensor(skewed * 4.0, dtype=torch.float64))
+    plan = state.plan_placement(EXPERTS, 2, [0, 0], False)  # the job's placement: contiguous
+    assert plan["orders"] is None and plan["expected_imbalance"]["contiguous"] > 1.3
+    state.rebalance_requested = True  # `moe-ray rebalance`: once
+    plan = state.plan_placement(EXPERTS, 2, [0, 0], False)
+    assert plan["orders"] == [[0, 2, 1, 3], [2, 3, 0, 1]]  # heaviest apart in each layer
+    assert plan["expected_imbalance"]["planned"] < 1.1 < plan["expected_imbalance"]["contiguous"]
+    assert not state.rebalance_requested
+    assert state.plan_placement(EXPERTS, 2, [0, 0], False)["orders"] is None
+    always = CoordinatorState(LAYERS, EXPERTS, BALANCE | {"placement": "balanced"}, STEPS)
+    always.exchange(always.begin(0, 2, None), 0, skewed)
+    assert always.plan_placement(EXPERTS, 2, [0, 0], False)["orders"] == [[0, 2, 1, 3], [2, 3, 0, 1]]
+    # Node-limited routing on two nodes of one rank each: nothing can move between nodes.
+    assert always.plan_placement(EXPERTS, 2, [0, 1], True)["orders"] == [[0, 1, 2, 3], [0, 1, 2, 3]]

@@ -14,7 +14,7 @@ from conftest import free_port, tiny_job
 from moe_ray.balance import bias_update_speed, update_bias
 from moe_ray.data import batch_digest, builtin_corpus, sample_windows
 from moe_ray.runtime.coordinator import get_coordinator
-from moe_ray.runtime.driver import request_scale, run_job
+from moe_ray.runtime.driver import request_rebalance, request_scale, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +107,39 @@ def test_scale_two_to_one_to_three(job, uninterrupted):
     assert result.bias_consistency["checked"] == STEPS
 
 
+def test_rebalance_places_experts_by_load_and_changes_nothing_else(job, uninterrupted):
+    """`moe-ray rebalance` mid-run: the group stops at a step boundary, restarts with experts
+    packed from the coordinator's recent load (a different order per layer), and the run's
+    losses, samples and bias are those of the uninterrupted run."""
+    from moe_ray.parallel.placement import ExpertPlacement, balanced_orders
+    from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS
+
+    asked = []
+
+    def rebalancer(progress):
+        if not asked and progress.metrics and progress.metrics[-1]["step"] >= 4:
+            asked.append(request_rebalance("rebalanced"))
+
+    result = run_job(job, run_name="rebalanced", on_progress=rebalancer, poll_s=0.1)
+    assert asked == [{"world_size": 2}]
+    [restart] = restarts(result)
+    assert (restart["cause"], restart["world_size"], restart["steps_lost"]) == ("scale", 2, 0)
+    first, second = [e for e in result.progress.events if e.get("event") == "placement"]
+    assert first["orders"] is None and "load-balanced placement" in second["detail"]
+    # The placement is the coordinator's packing of its moving average of the global counts.
+    load = None
+    for i, h in enumerate(result.load_history[: restart["step"]]):
+        counts = torch.tensor(h["counts"], dtype=torch.float64)
+        load = counts if load is None else load.lerp_(counts, 1 / min(i + 1, LOAD_HORIZON_STEPS))
+    contiguous = ExpertPlacement(job.model.moe.n_routed_experts, 2, (0, 0))
+    expected = balanced_orders(load, contiguous.block_sizes)
+    assert [tuple(o) for o in second["orders"]] == list(expected)
+    assert any(o != tuple(range(8)) for o in expected)
+    assert_same_as_uninterrupted(result, uninterrupted, job)
+    # Every step measured how evenly the two ranks were loaded.
+    assert all(m["rank_imbalance"] >= 1.0 for m in result.progress.metrics)
+
+
 def test_scale_refuses_impossible_worker_counts(local_ray):
     from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
     from moe_ray.runtime.driver import RunError
@@ -121,6 +154,8 @@ def test_scale_refuses_impossible_worker_counts(local_ray):
     assert request_scale("refused", 3)["workers"] == 3
     with pytest.raises(RunError, match="no running run named"):
         request_scale("no-such-run", 2)
+    with pytest.raises(RunError, match="no expert loads yet"):
+        request_rebalance("refused")
     ray.kill(coord)
     # An elastic run is sized by Ray Train, not by moe-ray scale.
     coord = Coordinator.options(name=coordinator_name("elastic"), namespace=COORDINATOR_NAMESPACE).remote(

@@ -10,7 +10,7 @@ from moe_ray.model.moe import MoELayer
 
 def make_experts(n=8, d=16, h=12, seed=0):
     torch.manual_seed(seed)
-    ex = GroupedExperts(d, h, n)
+    ex = GroupedExperts(d, h, tuple(range(n)))
     torch.nn.init.normal_(ex.w13, std=0.3)
     torch.nn.init.normal_(ex.w2, std=0.3)
     return ex
@@ -130,7 +130,7 @@ def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice(tmp_pa
     cfg = tiny_job(tmp_path).model  # 3 layers (2 MoE + 1 MTP MoE block), 8 experts
     cpu = torch.device("cpu")
     full = build_model(cfg, BalanceConfig(), 7, cpu)
-    shard = build_model(cfg, BalanceConfig(), 7, cpu, local_experts=range(3, 6))
+    shard = build_model(cfg, BalanceConfig(), 7, cpu, local_experts=(3, 4, 5))
     full_params = dict(full.named_parameters())
     for name, p in shard.named_parameters():
         if name.endswith(("experts.w13", "experts.w2")):
@@ -138,7 +138,10 @@ def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice(tmp_pa
             assert torch.equal(p, full_params[name][3:6]), name
         else:
             assert torch.equal(p, full_params[name]), name
-    assert [m.experts.first_expert for m in shard.moe_layers()] == [3, 3, 3]
+    assert [m.experts.expert_ids for m in shard.moe_layers()] == [(3, 4, 5)] * 3
+    # Any set of experts, in any order: each slice is its global id's.
+    scattered = build_model(cfg, BalanceConfig(), 7, cpu, local_experts=(6, 1))
+    assert torch.equal(scattered.moe_layers()[0].experts.w13, full.moe_layers()[0].experts.w13[[6, 1]])
     # Experts differ from each other and between layers (no seed reuse).
     w = full.moe_layers()[0].experts.w13
     assert not torch.equal(w[0], w[1])

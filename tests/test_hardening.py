@@ -46,11 +46,11 @@ def test_run_names_with_shell_syntax_are_refused_before_any_cluster(argv):
 
 
 def test_cluster_command_lines_quote_their_arguments():
-    from moe_ray.submit import run_entrypoint, scale_entrypoint
+    from moe_ray.submit import control_entrypoint, run_entrypoint
 
     # Quoted even if a name got past the rule: each argument stays one argument.
     assert shlex.split(run_entrypoint(BAD_NAME))[-1] == BAD_NAME
-    assert shlex.split(scale_entrypoint(BAD_NAME, 3))[4] == BAD_NAME
+    assert shlex.split(control_entrypoint("scale", BAD_NAME, "--workers", "3"))[4] == BAD_NAME
 
 
 def test_altered_state_json_is_refused_before_the_model_is_built(tmp_path):

@@ -23,6 +23,9 @@ from moe_ray.train.step import clip_gradients
 from moe_ray.train.trainer import build_model
 
 BATCH, SEQ = 8, 12
+SCRAMBLED = (7, 0, 5, 2, 1, 6, 3, 4)  # a non-contiguous expert order (a load-aware placement)
+# One order per MoE layer (2 trunk layers + 1 MTP layer), each different.
+SCRAMBLED_LAYERS = (SCRAMBLED, (3, 2, 1, 0, 7, 6, 5, 4), tuple(range(8)))
 
 
 def model_cfg():
@@ -49,15 +52,15 @@ def force_bias(model, hot_experts):
     model.set_expert_bias(bias)
 
 
-def _worker(rank, world, port, ep_size, hot, fsdp, out_dir):
+def _worker(rank, world, port, ep_size, hot, fsdp, order, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        placement = ExpertPlacement(8, ep_size, tuple([0] * world))
+        placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
         mesh = build_mesh(placement, "cpu")
         model = build_model(
-            model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cpu"), placement.local_experts(rank)
+            model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cpu"), placement.held_experts(rank)
         )
         if hot is not None:
             force_bias(model, hot)
@@ -77,7 +80,12 @@ def _worker(rank, world, port, ep_size, hot, fsdp, out_dir):
                 "counts": out.counts,
                 "grads": {n: full_cpu(p.grad) for n, p in model.named_parameters()},
                 "sharded_elements": sharded,
-                "experts": list(placement.local_experts(rank)),
+                "experts": {
+                    f"{n}.{w}": list(m.expert_ids)
+                    for n, m in model.named_modules()
+                    if n.endswith(".experts")
+                    for w in ("w13", "w2")
+                },
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -97,13 +105,23 @@ def reference(hot=None):
 
 @pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "replicated"])
 @pytest.mark.parametrize(
-    "world, ep_size, hot",
-    [(2, 2, None), (2, 1, None), (4, 2, None), (2, 2, [0, 1, 2]), (3, 3, None)],
-    ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank", "ep3_uneven"],
+    "world, ep_size, hot, order",
+    [
+        (2, 2, None, None),
+        (2, 1, None, None),
+        (4, 2, None, None),
+        (2, 2, [0, 1, 2], None),
+        (3, 3, None, None),
+        (4, 2, [7, 0, 5], SCRAMBLED_LAYERS),
+    ],
+    ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank", "ep3_uneven", "ep2xdp2_scrambled"],
 )
-def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot, fsdp):
+def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot, order, fsdp):
     mp.start_processes(
-        _worker, args=(world, free_port(), ep_size, hot, fsdp, str(tmp_path)), nprocs=world, start_method="spawn"
+        _worker,
+        args=(world, free_port(), ep_size, hot, fsdp, order, str(tmp_path)),
+        nprocs=world,
+        start_method="spawn",
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     out, norm, ref_grads = reference(hot)
@@ -114,12 +132,13 @@ def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot, 
     total_counts = sum(r["counts"] for r in ranks)
     assert torch.equal(total_counts, out.counts)
     if hot is not None:
-        assert total_counts[:, 3:].sum() == 0  # every token went to rank 0's experts
+        # every token went to EP rank 0's experts (non-contiguous ones under SCRAMBLED)
+        assert total_counts[:, [e for e in range(8) if e not in hot]].sum() == 0
     for name, ref in ref_grads.items():
         for r in ranks:
             got = r["grads"][name]
             if ".experts." in name:
-                ref_part = ref[r["experts"][0] : r["experts"][-1] + 1]
+                ref_part = ref[r["experts"][name]]
                 torch.testing.assert_close(got, ref_part, rtol=1e-4, atol=1e-6, msg=name)
             else:
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
@@ -141,9 +160,64 @@ def test_placement_blocks_and_nodes():
     assert uneven.expert_nodes(0).tolist() == [0] * 6 + [1] * 4
     with pytest.raises(ValueError, match="must divide"):
         ExpertPlacement(8, 3, (0, 0, 0, 0))
+    # A non-contiguous order: blocks are runs of the order; nodes follow each expert's owner.
+    s = ExpertPlacement.from_node_ids(8, 4, ["a", "a", "b", "b"], SCRAMBLED_LAYERS)
+    assert [s.local_experts(r) for r in range(4)] == [(7, 0), (5, 2), (1, 6), (3, 4)]
+    assert s.local_experts(1, layer=1) == (1, 0) and s.held_experts(1) == [(5, 2), (1, 0), (2, 3)]
+    assert s.owner() == [0, 2, 1, 3, 3, 1, 2, 0]
+    assert s.expert_nodes(0).tolist() == [0, 1, 0, 1, 1, 0, 1, 0]
+    assert s.rank_loads(torch.arange(8.0)).tolist() == [7.0, 7.0, 7.0, 7.0]
+    assert s.rank_loads(torch.arange(8.0).expand(3, 8))[2].tolist() == [1.0, 5.0, 9.0, 13.0]
+    with pytest.raises(ValueError, match="each of the 8 experts once"):
+        ExpertPlacement(8, 2, (0, 0), ((0, 1, 2, 3, 4, 5, 6, 6),))
 
 
-def _checkpoint_worker(rank, world, port, ep_size, phase, folder):
+def test_balanced_order_evens_rank_loads():
+    from moe_ray.parallel.placement import balanced_orders
+
+    g = torch.Generator().manual_seed(0)
+    load = torch.rand(3, 12, generator=g).pow(4) * 1000  # skewed, per layer
+    contiguous = ExpertPlacement(12, 3, (0, 0, 0))
+    orders = balanced_orders(load, contiguous.block_sizes)
+    balanced = ExpertPlacement(12, 3, (0, 0, 0), orders)
+    assert len(orders) == 3 and all(len(balanced.local_experts(r, 2)) == 4 for r in range(3))
+
+    def imbalance(p):  # per layer
+        per_rank = p.rank_loads(load)
+        return (per_rank.max(dim=1).values / per_rank.mean(dim=1)).tolist()
+
+    for layer in range(3):
+        assert imbalance(balanced)[layer] < imbalance(contiguous)[layer]
+        # Against every placement of 4 experts per rank: greedy is within 10% of the best.
+        assert imbalance(balanced)[layer] <= 1.10 * min_imbalance(load[layer], 3, 4)
+    # Node-limited routing: experts stay on the node of their contiguous placement.
+    two_nodes = balanced_orders(load, contiguous.block_sizes, [0, 0, 1])
+    assert all(set(o[:8]) == set(range(8)) and set(o[8:]) == set(range(8, 12)) for o in two_nodes)
+
+
+def min_imbalance(load, ranks, per_rank):
+    """The best max/mean over every split of the experts into equal blocks (a small brute force)."""
+    import itertools
+
+    best = float("inf")
+    experts = list(range(len(load)))
+
+    def split(left, totals):
+        nonlocal best
+        if not left:
+            best = min(best, max(totals) / (sum(totals) / ranks))
+            return
+        # the lowest remaining expert opens the next block: each partition counted once
+        first, rest = left[0], left[1:]
+        for others in itertools.combinations(rest, per_rank - 1):
+            block = (first, *others)
+            split([e for e in rest if e not in others], totals + [float(load[list(block)].sum())])
+
+    split(experts, [])
+    return best
+
+
+def _checkpoint_worker(rank, world, port, ep_size, phase, folder, order=None):
     """Phase "save": one AdamW step, then the checkpoint as the Ray workers write it. Phase "load":
     another seed, then the checkpoint. Both record every whole tensor they hold afterwards."""
     from moe_ray.storage import checkpoint as ckpt
@@ -154,9 +228,9 @@ def _checkpoint_worker(rank, world, port, ep_size, phase, folder):
     torch.set_num_threads(1)
     folder = os.fspath(folder)
     try:
-        placement = ExpertPlacement(8, ep_size, tuple([0] * world))
+        placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
         seed = 0 if phase == "save" else 123
-        model = build_model(model_cfg(), BalanceConfig(), seed, torch.device("cpu"), placement.local_experts(rank))
+        model = build_model(model_cfg(), BalanceConfig(), seed, torch.device("cpu"), placement.held_experts(rank))
         grads = parallelize(model, placement, rank, build_mesh(placement, "cpu"), fsdp=True)
         optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
         if phase == "save":
@@ -186,17 +260,18 @@ def _checkpoint_worker(rank, world, port, ep_size, phase, folder):
 
 
 def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(tmp_path):
-    """Written by 4 workers (EP 2 x DP 2: experts FSDP-sharded over their replicas), read by 2
-    workers (EP 1 x DP 2) and by one plain process: every weight and AdamW moment bit-exact."""
+    """Written by 4 workers (EP 2 x DP 2: experts FSDP-sharded over their replicas, a
+    non-contiguous placement), read by 2 workers (EP 1 x DP 2), by 4 workers (EP 4, contiguous)
+    and by one plain process: every weight and AdamW moment bit-exact."""
     from moe_ray.storage import checkpoint as ckpt
     from moe_ray.train.optim import build_optimizer
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    for world, ep_size, phase in [(4, 2, "save"), (2, 1, "load")]:
+    for world, ep_size, phase, order in [(4, 2, "save", SCRAMBLED_LAYERS), (2, 1, "load", None), (4, 4, "load", None)]:
         mp.start_processes(
             _checkpoint_worker,
-            args=(world, free_port(), ep_size, phase, folder),
+            args=(world, free_port(), ep_size, phase, folder, order),
             nprocs=world,
             start_method="spawn",
         )
@@ -204,9 +279,14 @@ def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(tmp_path):
     for rank in range(4):
         saved |= torch.load(tmp_path / f"save-4-rank{rank}.pt")
     assert any(".expert.7." in k and k.endswith("exp_avg") for k in saved)  # experts of both EP ranks
+    assert len(list(folder.glob("experts-*.safetensors"))) == 2  # one file per EP rank, names unique
     for rank in range(2):
         loaded = torch.load(tmp_path / f"load-2-rank{rank}.pt")
         assert loaded.keys() == saved.keys()
+        for k, v in loaded.items():
+            assert torch.equal(v, saved[k]), k
+    for rank in range(4):  # EP 4: each rank holds 2 experts, and only those
+        loaded = torch.load(tmp_path / f"load-4-rank{rank}.pt")
         for k, v in loaded.items():
             assert torch.equal(v, saved[k]), k
     plain = build_model(model_cfg(), BalanceConfig(), 7, torch.device("cpu"))

@@ -36,3 +36,21 @@ def test_training_lowers_validation_loss():
     assert summary.val.loss < before.loss - 2.0, (before.loss, summary.val.loss)
     # Loss-free balancing keeps the experts in use.
     assert float(summary.val.max_vio_global.mean()) < 1.0
+
+
+def test_router_weight_decay_can_be_switched_off():
+    import torch
+
+    from moe_ray.train.optim import build_optimizer
+    from moe_ray.train.trainer import build_model
+
+    model = build_model(small_model(), BalanceConfig(), 0, torch.device("cpu"))
+    routers = {id(layer.router.weight) for layer in model.moe_layers()}
+
+    def decayed(cfg):
+        group = next(g for g in build_optimizer(model, cfg).param_groups if g["weight_decay"] > 0)
+        return {id(p) for p in group["params"]}
+
+    assert routers <= decayed(TrainConfig())
+    without = decayed(TrainConfig(router_weight_decay=False))
+    assert not routers & without and len(without) == len(decayed(TrainConfig())) - len(routers)

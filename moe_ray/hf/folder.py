@@ -178,12 +178,12 @@ def open_folder(uri: str, tensors: set[str] | None = None) -> Iterator[HFFolder]
         yield HFFolder(dest, uri)
 
 
-def held_experts(model: MoETransformer, link: Link) -> range | None:
+def held_experts(model: MoETransformer, link: Link) -> tuple[int, ...] | None:
     """The global ids of the experts `model` holds of an expert link (None for other links)."""
     if not link.per_expert:
         return None
     experts = model.get_submodule(link.ours.rsplit(".", 1)[0])
-    return range(experts.first_expert, experts.first_expert + experts.n_experts)
+    return experts.expert_ids
 
 
 def needed_tensors(model: MoETransformer) -> set[str]:

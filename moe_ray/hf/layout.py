@@ -192,7 +192,7 @@ class Link:
         return {"experts_w13": 2, "experts_w2": 1}.get(self.kind, 0)
 
 
-def their_names(link: Link, experts: range | None = None) -> tuple[str, ...]:
+def their_names(link: Link, experts: tuple[int, ...] | None = None) -> tuple[str, ...]:
     """Their tensor names for `link`; for the expert kinds only those of `experts` (default all)."""
     per = link.per_expert
     if not per or experts is None:

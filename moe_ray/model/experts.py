@@ -98,40 +98,42 @@ def weighted_swiglu(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_per_expert(weight: torch.Tensor, first_expert: int, std: float) -> None:
+def init_per_expert(weight: torch.Tensor, expert_ids: tuple[int, ...], std: float) -> None:
     """Normal(0, std) init of stacked expert weights, each expert's slice from its own generator
-    keyed by its GLOBAL id. A shard holding experts [a, b) gets exactly the slices that a model
+    keyed by its GLOBAL id. A shard holding any set of experts gets exactly the slices that a model
     holding all experts gets, and draws the same one number from the global RNG, so the init of
     every other parameter does not depend on which experts a process holds."""
     seed = int(torch.randint(0, 2**62, (), device="cpu"))
     if weight.is_meta:
         return
-    for i in range(weight.shape[0]):
-        g = torch.Generator().manual_seed(seed + first_expert + i)
+    for i, expert in enumerate(expert_ids):
+        g = torch.Generator().manual_seed(seed + expert)
         weight[i].copy_(torch.randn(weight.shape[1:], generator=g).mul_(std))
 
 
 class GroupedExperts(nn.Module):
     """A shard of the routed experts of one layer, as stacked weights.
 
-    Holds experts with global ids [first_expert, first_expert + n_experts). Input rows must be
-    sorted by expert; `tokens_per_expert[e]` rows belong to local expert e. Dropless: every
+    Holds the experts with global ids `expert_ids`, stacked in that order (any set: a load-aware
+    placement is not contiguous). Input rows must be sorted by local expert;
+    `tokens_per_expert[e]` rows belong to local expert e, global id `expert_ids[e]`. Dropless: every
     row is computed, an expert with zero rows simply contributes nothing.
 
     `row_weights` (the gates) scale each row's hidden activation before the down projection:
     the same as scaling the output (w2 is linear) at half the width.
     """
 
-    def __init__(self, d_model: int, hidden: int, n_experts: int, first_expert: int = 0):
+    def __init__(self, d_model: int, hidden: int, expert_ids: tuple[int, ...]):
         super().__init__()
-        self.n_experts = n_experts
-        self.first_expert = first_expert
+        self.expert_ids = tuple(expert_ids)
+        self.n_experts = len(self.expert_ids)
+        self.local_index = {e: i for i, e in enumerate(self.expert_ids)}  # global id -> slice
         self.hidden = hidden
         self.use_grouped_mm = True
-        self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
-        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
-        init_per_expert(self.w13, first_expert, 0.02)
-        init_per_expert(self.w2, first_expert, 0.02)
+        self.w13 = nn.Parameter(torch.empty(self.n_experts, d_model, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(self.n_experts, hidden, d_model))
+        init_per_expert(self.w13, self.expert_ids, 0.02)
+        init_per_expert(self.w2, self.expert_ids, 0.02)
 
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None

@@ -16,7 +16,9 @@ from moe_ray.model.moe import MoELayer, MoEStats
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: range | None = None):
+    def __init__(
+        self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: tuple[int, ...] | None = None
+    ):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.rope_theta)
@@ -35,7 +37,9 @@ class MTPModule(nn.Module):
     """Depth-k MTP: h'_i = W_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], one block, and the
     shared output head predicts t_{i+k+1}."""
 
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: range | None = None):
+    def __init__(
+        self, cfg: ModelConfig, balance: BalanceConfig, moe: bool, local_experts: tuple[int, ...] | None = None
+    ):
         super().__init__()
         self.hidden_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.embed_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -62,20 +66,33 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceConfig | None = None, local_experts: range | None = None):
-        """`local_experts`: build only these routed experts (by global id) in every MoE layer, as
-        an expert-parallel worker does; their weights equal those of the full model's."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        balance: BalanceConfig | None = None,
+        local_experts: tuple[int, ...] | list[tuple[int, ...]] | None = None,
+    ):
+        """`local_experts`: build only these routed experts (by global id), as an expert-parallel
+        worker does: one tuple for every MoE layer, or a list with one per MoE layer (trunk
+        first, then MTP); their weights equal those of the full model's."""
         super().__init__()
         self.cfg = cfg
         balance = balance or BalanceConfig()
         has_moe = cfg.n_layers > cfg.n_dense_layers
+        n_moe = cfg.n_layers - cfg.n_dense_layers + (cfg.mtp.depth if has_moe else 0)
+        per_layer = iter(local_experts if isinstance(local_experts, list) else [local_experts] * n_moe)
+        if isinstance(local_experts, list) and len(local_experts) != n_moe:
+            raise ValueError(f"local_experts lists {len(local_experts)} MoE layers, the model has {n_moe}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, balance, i >= cfg.n_dense_layers, local_experts) for i in range(cfg.n_layers)
+            Block(cfg, balance, moe, next(per_layer) if moe else None)
+            for moe in (i >= cfg.n_dense_layers for i in range(cfg.n_layers))
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, balance, has_moe, local_experts) for _ in range(cfg.mtp.depth))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, balance, has_moe, next(per_layer) if has_moe else None) for _ in range(cfg.mtp.depth)
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -89,7 +106,7 @@ class MoETransformer(nn.Module):
             is_output = name.endswith(("attn.out.weight", "ffn.w2.weight", "shared.w2.weight", "experts.w2"))
             p_std = out_std if is_output else std
             if name.endswith(("experts.w13", "experts.w2")):
-                init_per_expert(p, self.get_submodule(name.rsplit(".", 1)[0]).first_expert, p_std)
+                init_per_expert(p, self.get_submodule(name.rsplit(".", 1)[0]).expert_ids, p_std)
             else:
                 nn.init.normal_(p, std=p_std)
 

@@ -125,9 +125,10 @@ class ExpertParallelDispatcher:
     def __init__(self, group, block_sizes: list[int], ep_rank: int, overlap: bool = True):
         self.group = group
         self.overlap = overlap  # compute the shared experts while the dispatch is in flight
-        self.block_sizes = block_sizes  # experts held by each EP rank, contiguous blocks
+        self.block_sizes = block_sizes  # experts held by each EP rank: consecutive in the layer's expert order
         self.n_local = block_sizes[ep_rank]
         self.bytes_moved = 0  # activation bytes this rank sent to OTHER ranks, forward + backward
+        self.rows_in = 0  # rows this rank's experts computed (its load: stragglers wait at the all-to-all)
         self.clock = WaitClock()  # time blocked in all-to-alls, read and reset by the worker each step
         self._block_ends: torch.Tensor | None = None  # last expert of each block, on the device
 
@@ -183,4 +184,5 @@ class ExpertParallelDispatcher:
         row_bytes = (rows.shape[1] + 1) * rows.element_size()
         # dispatch + combine forward, and the same again backward
         self.bytes_moved += 2 * row_bytes * ((sum(send) - send[me]) + (sum(recv) - recv[me]))
+        self.rows_in += sum(recv)
         return all_to_all(permute_rows(out, inverse, perm), recv, send, self.group, self.clock), shared

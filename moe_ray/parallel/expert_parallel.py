@@ -10,16 +10,17 @@ from moe_ray.parallel.placement import ExpertPlacement
 
 def apply_expert_parallel(model: MoETransformer, placement: ExpertPlacement, rank: int, mesh: ParallelMesh) -> None:
     """Route every MoE layer's tokens by all-to-all to the ranks that own their experts. The model
-    must hold exactly this rank's block (build it with `local_experts=placement.local_experts(rank)`):
+    must hold exactly this rank's blocks (build it with `local_experts=placement.held_experts(rank)`):
     a worker never materialises the experts of the other ranks. The routers learn which node hosts
-    each expert, for node-limited routing."""
-    local = placement.local_experts(rank)
-    for layer in model.moe_layers():
-        held = range(layer.experts.first_expert, layer.experts.first_expert + layer.experts.n_experts)
+    each expert, for node-limited routing; with a non-contiguous placement, the layers sort their
+    rows in the placement's expert order."""
+    for i, layer in enumerate(model.moe_layers()):
+        local, held = placement.local_experts(rank, i), layer.experts.expert_ids
         if held != local:
             raise ValueError(
-                f"rank {rank} must hold experts {local.start}-{local.stop - 1}, the model holds "
-                f"{held.start}-{held.stop - 1}: build it with local_experts=placement.local_experts(rank)"
+                f"rank {rank} must hold experts {list(local)} in MoE layer {i}, the model holds {list(held)}: "
+                "build it with local_experts=placement.held_experts(rank)"
             )
+        layer.set_expert_order(placement.expert_order(i))
         layer.dispatcher = ExpertParallelDispatcher(mesh.ep, placement.block_sizes, placement.ep_rank(rank))
-        layer.router.set_expert_nodes(placement.expert_nodes(rank))
+        layer.router.set_expert_nodes(placement.expert_nodes(rank, i))

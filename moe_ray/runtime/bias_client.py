@@ -13,7 +13,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.balance import next_bias
 from moe_ray.runtime.coordinator import BiasMismatch, NeedsSeed, StaleGeneration, bias_digest
 
 # The coordinator answers at once (it waits for no other worker), so a reply this late means it is
@@ -105,5 +105,5 @@ class AllReduceBias:
         self.counts = all_reduce_sum(counts.to(torch.int64), self.device)
 
     def next_bias(self, step: int) -> torch.Tensor:
-        self.bias = update_bias(self.bias, self.counts, bias_update_speed(self.balance, step, self.total))
+        self.bias = next_bias(self.balance, self.bias, self.counts, step, self.total)
         return self.bias

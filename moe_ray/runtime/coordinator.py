@@ -30,11 +30,13 @@ import numpy as np
 import ray
 import torch
 
-from moe_ray.balance import bias_update_speed, max_violation, update_bias
+from moe_ray.balance import max_violation, next_bias
 from moe_ray.config import BalanceConfig
+from moe_ray.parallel.placement import ExpertPlacement, balanced_orders
 
 RECENT_STEPS = 10_000  # step metrics and balance figures kept for the driver to read
 HISTORY_POINTS = 512  # full per-step load records kept (heatmaps, the study, tests)
+LOAD_HORIZON_STEPS = 50  # the recent load a balanced placement packs: an average over ~this many steps
 
 
 def bias_digest(bias) -> str:
@@ -117,6 +119,10 @@ class CoordinatorState:
         self.metrics = RecentLog()  # rank 0's step metrics
         self.events: list[dict] = []  # starts, restarts, evaluations, checkpoints (a few per run)
         self.desired_workers: int | None = None
+        self.recent_load: torch.Tensor | None = None  # (layers, experts) moving average of global counts
+        self.load_steps = 0
+        self.rebalance_requested = False
+        self.orders: tuple | None = None  # the placement's per-layer expert orders (None: contiguous)
         self.bias_checks = 0
         self.bias_mismatches: list[dict] = []
         self.fatal: str | None = None  # set by a bias mismatch: the run stops
@@ -188,8 +194,12 @@ class CoordinatorState:
                 self.events.append({"event": "bias_mismatch", "step": step, "time": time.time()})
                 raise BiasMismatch(self.fatal)
         total = torch.as_tensor(np.asarray(counts, dtype=np.int64))
-        gamma = bias_update_speed(self.balance, step, self.total_steps)
-        self.bias = update_bias(self.bias, total, gamma)
+        self.load_steps += 1
+        if self.recent_load is None:
+            self.recent_load = total.to(torch.float64)
+        else:  # the plain mean of the steps so far until there are LOAD_HORIZON_STEPS, then a moving average
+            self.recent_load.lerp_(total.to(torch.float64), 1.0 / min(self.load_steps, LOAD_HORIZON_STEPS))
+        self.bias = next_bias(self.balance, self.bias, total, step, self.total_steps)
         self.bias_version = step + 1
         self.recent[step + 1] = self.bias
         self.recent.pop(step - 3, None)
@@ -206,6 +216,35 @@ class CoordinatorState:
         reply = (step + 1, self.bias.numpy().copy(), self.desired_workers)
         self.replies = {step: reply}
         return reply
+
+    def plan_placement(self, n_experts: int, ep_size: int, node_of_rank: list[int], node_limited: bool) -> dict:
+        """The expert placement of a worker group that is starting: contiguous blocks, or (when the
+        job asks for `balanced`, or `moe-ray rebalance` did) per-layer orders packed from the recent
+        load. Returns the orders (None: contiguous) and the per-rank load imbalance (max/mean,
+        mean over layers) the recent load would give with contiguous blocks and with this plan."""
+        contiguous = ExpertPlacement(n_experts, ep_size, tuple(node_of_rank))
+        wanted = self.balance.placement == "balanced" or self.rebalance_requested
+        load = self.recent_load
+        orders = None
+        if wanted and load is not None:
+            nodes = list(node_of_rank[:ep_size]) if node_limited else None
+            orders = balanced_orders(load, contiguous.block_sizes, nodes)
+        self.rebalance_requested = False
+        self.orders = orders
+        plan = {"orders": [list(o) for o in orders] if orders else None}
+        if load is not None:
+            chosen = ExpertPlacement(n_experts, ep_size, tuple(node_of_rank), orders)
+            plan["expected_imbalance"] = {
+                "contiguous": rank_imbalance(contiguous.rank_loads(load)),
+                "planned": rank_imbalance(chosen.rank_loads(load)),
+            }
+        return plan
+
+
+def rank_imbalance(rank_loads: torch.Tensor) -> float:
+    """max/mean of the per-rank loads (layers, ranks), averaged over layers: 1.0 is even."""
+    loads = torch.as_tensor(rank_loads, dtype=torch.float64)
+    return float((loads.max(dim=-1).values / loads.mean(dim=-1).clamp_min(1e-12)).mean())
 
 
 COORDINATOR_NAMESPACE = "moe-ray"
@@ -251,9 +290,30 @@ class Coordinator:
             )
         if rule["ep_size"] and workers % rule["ep_size"]:
             raise ValueError(f"cannot scale to {workers} workers: resources.ep_size={rule['ep_size']} must divide it")
+        if workers == self.state.world_size:
+            return {"world_size": self.state.world_size, "workers": workers, "unchanged": True}
         self.state.desired_workers = workers
         self.state.events.append({"event": "scale_requested", "workers": workers, "time": time.time()})
         return {"world_size": self.state.world_size, "workers": workers}
+
+    async def request_rebalance(self) -> dict:
+        """Restart the worker group at its next step boundary with a placement packed from the
+        recent load (`moe-ray rebalance`): same worker count, a checkpoint in between."""
+        s = self.state
+        if s.recent_load is None:
+            raise ValueError("the run has no expert loads yet: rebalance once it has taken some steps")
+        if self.scale_rule.get("elastic"):
+            raise ValueError(
+                "this run is elastic: its worker group restarts whenever the cluster changes; set "
+                "balance.placement: balanced in the job to place experts by load at every restart"
+            )
+        s.rebalance_requested = True
+        s.desired_workers = s.world_size
+        s.events.append({"event": "rebalance_requested", "time": time.time()})
+        return {"world_size": s.world_size}
+
+    async def plan_placement(self, n_experts: int, ep_size: int, node_of_rank: list[int], node_limited: bool) -> dict:
+        return self.state.plan_placement(n_experts, ep_size, node_of_rank, node_limited)
 
     async def scale_done(self) -> None:
         self.state.desired_workers = None

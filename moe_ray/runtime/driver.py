@@ -365,6 +365,15 @@ def _fit_and_follow(trainer, coordinator, progress, cursor, tracking, on_progres
 
 def request_scale(run_name: str, workers: int) -> dict:
     """Ask a running run (in the Ray cluster this process is connected to) for `workers` workers."""
+    return _ask_coordinator(run_name, "request_scale", workers)
+
+
+def request_rebalance(run_name: str) -> dict:
+    """Ask a running run to place its experts by their recent load, from its next step boundary."""
+    return _ask_coordinator(run_name, "request_rebalance")
+
+
+def _ask_coordinator(run_name: str, method: str, *args) -> dict:
     from moe_ray.runtime.coordinator import get_coordinator
 
     try:
@@ -372,7 +381,7 @@ def request_scale(run_name: str, workers: int) -> dict:
     except ValueError:
         raise RunError(f"no running run named {run_name!r} in this Ray cluster") from None
     try:
-        return ray.get(coordinator.request_scale.remote(workers))
+        return ray.get(getattr(coordinator, method).remote(*args))
     except ray.exceptions.RayTaskError as err:
         raise RunError(_root_cause(err)) from None
 

@@ -19,7 +19,17 @@ from moe_ray.spec import JobSpec, dump_job, job_record, mask
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow_http
 
-STEP_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "tokens_per_s", "step_time", "grad_norm")
+STEP_KEYS = (
+    "loss",
+    "lm_loss",
+    "mtp_loss",
+    "balance_loss",
+    "lr",
+    "tokens_per_s",
+    "step_time",
+    "grad_norm",
+    "rank_imbalance",
+)
 
 
 class RunTracking:

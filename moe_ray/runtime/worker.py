@@ -27,7 +27,7 @@ from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, all_reduce_sum
-from moe_ray.runtime.coordinator import get_coordinator
+from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
@@ -169,11 +169,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     node_ids = all_gather(ray.get_runtime_context().get_node_id())
     pids = all_gather(os.getpid())
-    placement = ExpertPlacement.from_node_ids(job.model.moe.n_routed_experts, job.ep_size_for(world), node_ids)
+    placement, expected = plan_placement(job, world, rank, node_ids, coordinator)
     mesh = build_mesh(placement, device.type)
     ctx = WorkerContext(job, run_name, rank, world, device, placement, config["job_record"])
 
-    model = build_model(job.model, job.balance, job.train.seed, device, placement.local_experts(rank))
+    model = build_model(job.model, job.balance, job.train.seed, device, placement.held_experts(rank))
     dense_params = sum(p.numel() for p in split_parameters(model)[0])
     fsdp = shards_dense(job.resources.dense_parallel, dense_params)
     grads = parallelize(
@@ -195,7 +195,16 @@ def train_loop_per_worker(config: dict) -> None:
                     "event": "placement",
                     "step": start_step,
                     "detail": placement.describe()
-                    + (f"; dense parts sharded over {world} (FSDP)" if fsdp else "; dense parts replicated"),
+                    + (f"; dense parts sharded over {world} (FSDP)" if fsdp else "; dense parts replicated")
+                    + (
+                        f"; per-rank load max/mean {expected['contiguous']:.2f} in contiguous blocks, "
+                        f"{expected['planned']:.2f} placed by load (last {LOAD_HORIZON_STEPS} steps)"
+                        if expected and not placement.contiguous
+                        else ""
+                    ),
+                    "orders": [list(placement.expert_order(i)) for i in range(len(placement.orders))]
+                    if placement.orders
+                    else None,
                     "resumed": start_step > 0,
                     "world_size": world,
                     "pids": pids,
@@ -221,7 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint_s = 0.0  # saving the last checkpoint, reported with the next step's times
     for step in range(start_step, cfg.steps):
         for d in ep_dispatchers(model):  # count this step's all-to-alls only (not an evaluation's)
-            d.bytes_moved, d.clock.seconds = 0, 0.0
+            d.bytes_moved, d.rows_in, d.clock.seconds = 0, 0, 0.0
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
         res = train_step(
             model,
@@ -255,10 +264,10 @@ def train_loop_per_worker(config: dict) -> None:
                 coordinator.record.remote(summary)
             save_checkpoint(ctx, model, optimizer, done, metrics | {"val_loss": val_loss}, summary)
             break
-        # `moe-ray scale`: the coordinator fixed the answer when this step's counts were complete,
-        # so every rank got the same one and all stop here, after this step, with a checkpoint
-        # that the new worker group resumes from.
-        scale_to = bias_source.desired_workers if bias_source.desired_workers not in (None, world) else None
+        # `moe-ray scale` or `rebalance` (the same count, a new placement): the coordinator fixed
+        # the answer when this step's counts were complete, so every rank got the same one and
+        # all stop here, after this step, with a checkpoint that the new worker group resumes from.
+        scale_to = bias_source.desired_workers
         if (every and done % every == 0) or scale_to:
             saving = time.perf_counter()
             save_checkpoint(ctx, model, optimizer, done, metrics, summary)
@@ -272,6 +281,27 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
+def plan_placement(
+    job: JobSpec, world: int, rank: int, node_ids: list[str], coordinator
+) -> tuple[ExpertPlacement, dict | None]:
+    """This worker group's expert placement, as the coordinator plans it from its load history
+    (contiguous blocks unless the job or `moe-ray rebalance` asks for a balanced one), and the
+    per-rank imbalance the recent load predicts; rank 0 asks, every rank gets the same answer."""
+    n_experts, ep_size = job.model.moe.n_routed_experts, job.ep_size_for(world)
+    contiguous = ExpertPlacement.from_node_ids(n_experts, ep_size, node_ids)
+    plan = None
+    if rank == 0:
+        node_limited = job.model.moe.max_nodes_per_token is not None
+        plan = ray.get(
+            coordinator.plan_placement.remote(n_experts, ep_size, list(contiguous.node_of_rank), node_limited)
+        )
+    plan = broadcast(plan)
+    expected = plan.get("expected_imbalance")
+    if not plan["orders"]:
+        return contiguous, expected
+    return ExpertPlacement.from_node_ids(n_experts, ep_size, node_ids, plan["orders"]), expected
+
+
 def ep_dispatchers(model) -> list[ExpertParallelDispatcher]:
     """The MoE layers' expert-parallel dispatchers: they count the bytes they move and their waits."""
     return [layer.dispatcher for layer in model.moe_layers() if isinstance(layer.dispatcher, ExpertParallelDispatcher)]
@@ -280,10 +310,13 @@ def ep_dispatchers(model) -> list[ExpertParallelDispatcher]:
 def step_metrics(res, step: int, share: float, model, checkpoint_s: float, device: torch.device) -> dict:
     """The step's metrics over all ranks from ONE small all-gather: losses weighted by each
     rank's batch share and summed, all-to-all bytes summed, the most nodes any token reached,
-    and the time breakdown averaged over the ranks."""
-    moved = sum(d.bytes_moved for d in ep_dispatchers(model))
-    waited = sum(d.clock.seconds for d in ep_dispatchers(model))
+    the time breakdown averaged over the ranks, and how unevenly the expert-parallel ranks were
+    loaded (rows received per layer: max/mean over ranks, mean over layers)."""
+    dispatchers = ep_dispatchers(model)
+    moved = sum(d.bytes_moved for d in dispatchers)
+    waited = sum(d.clock.seconds for d in dispatchers)
     times = [res.times[p] for p in STEP_PHASES] + [waited, checkpoint_s]
+    rows_in = [d.rows_in for d in dispatchers]
     mine = torch.tensor(
         [
             res.loss * share,
@@ -293,6 +326,7 @@ def step_metrics(res, step: int, share: float, model, checkpoint_s: float, devic
             moved,
             res.max_nodes or 0,
             *times,
+            *rows_in,
         ],
         dtype=torch.float64,
         device=device,
@@ -301,6 +335,9 @@ def step_metrics(res, step: int, share: float, model, checkpoint_s: float, devic
     dist.all_gather(gathered, mine)
     ranks = torch.stack(gathered).cpu()
     total, mean = ranks.sum(0).tolist(), ranks.mean(0).tolist()
+    phases = (*STEP_PHASES, "dispatch_wait", "checkpoint")
+    rows = ranks[:, 6 + len(phases) :]  # (ranks, layers); replicas of an EP rank see the same shape of load
+    extra = {"rank_imbalance": rank_imbalance(rows.T)} if rows.numel() and dist.get_world_size() > 1 else {}
     return {
         "step": step,
         "loss": total[0],
@@ -313,10 +350,8 @@ def step_metrics(res, step: int, share: float, model, checkpoint_s: float, devic
         "grad_norm": res.grad_norm,
         "step_time": res.seconds,
         "time": time.time(),
-        **{
-            f"time/{name}": value
-            for name, value in zip((*STEP_PHASES, "dispatch_wait", "checkpoint"), mean[6:], strict=True)
-        },
+        **{f"time/{name}": value for name, value in zip(phases, mean[6 : 6 + len(phases)], strict=True)},
+        **extra,
     }
 
 

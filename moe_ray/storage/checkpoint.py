@@ -36,6 +36,7 @@ INDEX = "index.json"
 STATE = "state.json"
 DENSE = "dense.safetensors"
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
+_EXPERT_FILE = re.compile(r"^experts-(\d+)-(\d+)\.safetensors$")
 _EXPERT_KEY = re.compile(r"^moe\.(\d+)\.expert\.(\d+)\.(w13|w2)(?:\.(exp_avg|exp_avg_sq))?$")
 
 
@@ -58,7 +59,15 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entry(path: Path) -> dict:
-    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    """A file's index entry; an expert file's also lists the global ids it holds per layer (from
+    its metadata), so a reader picks exactly the files it needs whatever the placement."""
+    entry = {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    if _EXPERT_FILE.match(path.name):
+        with safe_open(str(path), framework="pt") as f:
+            held = (f.metadata() or {}).get("experts")
+        if held:
+            entry["experts"] = json.loads(held)
+    return entry
 
 
 def _expert_modules(model: MoETransformer):
@@ -106,20 +115,22 @@ def expert_tensors(model: MoETransformer, optimizer: torch.optim.Optimizer, keep
             parts = {None: full_cpu(param)} | {s: full_cpu(state[s]) for s in ADAM_STATE if s in state}
             if not keep:
                 continue
-            for i in range(ex.n_experts):
-                key = f"moe.{layer}.expert.{ex.first_expert + i}.{name}"
+            for i, expert in enumerate(ex.expert_ids):
+                key = f"moe.{layer}.expert.{expert}.{name}"
                 for s, whole in parts.items():
                     tensors[key if s is None else f"{key}.{s}"] = whole[i].clone()
     return tensors
 
 
 def write_experts(folder: Path, model: MoETransformer, tensors: dict) -> Path:
-    """The file of this rank's experts (from `expert_tensors`), named by their global id range."""
+    """The file of this rank's experts (from `expert_tensors`), named by the lowest and highest
+    global id it holds of the first MoE layer (unique: the writing ranks hold disjoint sets, so
+    their lowest ids differ); its metadata lists every layer's ids."""
     experts = _expert_modules(model)
-    first = experts[0].first_expert if experts else 0
-    last = first + (experts[0].n_experts - 1 if experts else 0)
+    ids = experts[0].expert_ids if experts else (0,)
+    first, last = min(ids), max(ids)
     path = folder / f"experts-{first:05d}-{last:05d}.safetensors"
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"experts": json.dumps([list(ex.expert_ids) for ex in experts])})
     return path
 
 
@@ -225,16 +236,21 @@ def _set_adam_state(optimizer, param, step: int, values: dict[str, torch.Tensor]
 
 
 def files_needed(index: dict, model: MoETransformer) -> list[str]:
-    """The files a model reads: dense and training state, and the expert files whose id range
-    (in the file name) overlaps the experts the model holds."""
+    """The files a model reads: dense and training state, and the expert files holding an expert
+    the model holds in some layer (by the ids the index lists; for a checkpoint written before
+    the index listed them, by the id range in the file name)."""
     experts = _expert_modules(model)
     wanted = [DENSE, STATE]
-    for name in sorted(e["name"] for e in index["files"]):
-        m = re.match(r"^experts-(\d+)-(\d+)\.safetensors$", name)
-        if m and any(
-            int(m[1]) <= ex.first_expert + ex.n_experts - 1 and ex.first_expert <= int(m[2]) for ex in experts
-        ):
-            wanted.append(name)
+    for entry in sorted(index["files"], key=lambda e: e["name"]):
+        m = _EXPERT_FILE.match(entry["name"])
+        if not m:
+            continue
+        if "experts" in entry:
+            needed = any(set(ids) & set(ex.expert_ids) for ids, ex in zip(entry["experts"], experts, strict=False))
+        else:
+            needed = any(int(m[1]) <= e <= int(m[2]) for ex in experts for e in ex.expert_ids)
+        if needed:
+            wanted.append(entry["name"])
     return wanted
 
 
@@ -290,8 +306,8 @@ def load(
                 if layer >= len(experts):
                     raise CheckpointError(f"{folder}: expert layer {layer} does not exist in this model")
                 ex = experts[layer]
-                i = expert - ex.first_expert
-                if not 0 <= i < ex.n_experts or (adam is not None and optimizer is None):
+                i = ex.local_index.get(expert)
+                if i is None or (adam is not None and optimizer is None):
                     continue
                 param = getattr(ex, weight)
                 block = blocks.get((layer, weight, adam))
@@ -301,9 +317,9 @@ def load(
                 if adam is None:
                     found[(layer, expert)] = found.get((layer, expert), 0) + 1
     for layer, ex in enumerate(experts):
-        for i in range(ex.n_experts):
-            if found.get((layer, ex.first_expert + i)) != 2:
-                raise CheckpointError(f"{folder}: no weights for layer {layer} expert {ex.first_expert + i}")
+        for expert in ex.expert_ids:
+            if found.get((layer, expert)) != 2:
+                raise CheckpointError(f"{folder}: no weights for layer {layer} expert {expert}")
     for (layer, weight, adam), block in blocks.items():
         param = getattr(experts[layer], weight)
         if adam is None:

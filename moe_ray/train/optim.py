@@ -12,10 +12,13 @@ from moe_ray.config import TrainConfig
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            # Norm gains and other vectors are not decayed; embeddings and weights are.
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # Norm gains and other vectors are not decayed; embeddings and weights are, and the
+            # routers' weights unless `router_weight_decay` is off (decay shrinks the router's
+            # scores, which makes a fixed bias step coarser as training goes on).
+            router = name.endswith("router.weight")
+            (decay if p.dim() >= 2 and (cfg.router_weight_decay or not router) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from moe_ray.balance import bias_update_speed, update_bias
+from moe_ray.balance import next_bias
 from moe_ray.config import BalanceConfig, TrainConfig
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.train.optim import lr_at, set_lr
@@ -39,8 +39,7 @@ class LocalBias:
         self.total_steps = total_steps
 
     def submit(self, step: int, counts: torch.Tensor) -> None:
-        gamma = bias_update_speed(self.balance, step, self.total_steps)
-        self.bias = update_bias(self.bias, counts.to(self.bias.device), gamma)
+        self.bias = next_bias(self.balance, self.bias, counts.to(self.bias.device), step, self.total_steps)
 
     def next_bias(self, step: int) -> torch.Tensor:
         return self.bias

@@ -25,7 +25,7 @@ def build_model(
     balance: BalanceConfig,
     seed: int,
     device: torch.device,
-    local_experts: range | None = None,
+    local_experts: tuple[int, ...] | list[tuple[int, ...]] | None = None,
 ) -> MoETransformer:
     """Seeded construction: the same seed gives the same weights on every process, and an
     expert-parallel shard (`local_experts`) the same weights as those experts of the full model."""
