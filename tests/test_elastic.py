@@ -123,7 +123,7 @@ def test_rebalance_places_experts_by_load_and_changes_nothing_else(job, uninterr
     result = run_job(job, run_name="rebalanced", on_progress=rebalancer, poll_s=0.1)
     assert asked == [{"world_size": 2}]
     [restart] = restarts(result)
-    assert (restart["cause"], restart["world_size"], restart["steps_lost"]) == ("scale", 2, 0)
+    assert (restart["cause"], restart["world_size"], restart["steps_lost"]) == ("rebalance", 2, 0)
     first, second = [e for e in result.progress.events if e.get("event") == "placement"]
     assert first["orders"] is None and "load-balanced placement" in second["detail"]
     # The placement is the coordinator's packing of its moving average of the global counts.

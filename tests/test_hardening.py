@@ -32,9 +32,10 @@ BAD_NAME = "x; touch /tmp/pwned #"
         ["run", "jobs/quickstart.yaml", "--run", BAD_NAME],
         ["submit", "jobs/quickstart.yaml", "--run", BAD_NAME, "--address", "http://127.0.0.1:9"],
         ["scale", BAD_NAME, "--workers", "2", "--address", "http://127.0.0.1:9"],
+        ["rebalance", BAD_NAME, "--address", "http://127.0.0.1:9"],
         ["checkpoints", "../" + "etc"],
     ],
-    ids=["run", "submit", "scale", "checkpoints"],
+    ids=["run", "submit", "scale", "rebalance", "checkpoints"],
 )
 def test_run_names_with_shell_syntax_are_refused_before_any_cluster(argv):
     import ray

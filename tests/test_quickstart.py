@@ -46,9 +46,10 @@ def test_invalid_job_is_refused_with_every_problem(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_scale_of_an_unknown_local_run_is_refused():
+@pytest.mark.parametrize(
+    "command", [["scale", "no-such-run-here", "--workers", "2"], ["rebalance", "no-such-run-here"]]
+)
+def test_scale_or_rebalance_of_an_unknown_local_run_is_refused(command):
     cli = Path(sys.executable).parent / "moe-ray"
-    proc = subprocess.run(
-        [str(cli), "scale", "no-such-run-here", "--workers", "2"], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([str(cli), *command], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no run 'no-such-run-here' is running on this machine" in proc.stderr

@@ -62,6 +62,7 @@ def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack
         "bias_max/layer_0",
         "val_loss",
         "max_vio_global/mean",
+        "rank_imbalance",
         *TIME_METRICS,
     ):
         assert client.get_metric_history(run.info.run_id, key), key

@@ -222,9 +222,12 @@ def _restart_event(progress: Progress, placement: dict, last_before: dict | None
     earlier = progress.events[:-1]  # the last event is `placement` itself
     scaled = next((e for e in reversed(earlier) if e.get("event") in ("scaling", "placement")), {})
     last_step = last_before["step"] + 1 if last_before else 0
+    cause = "worker failure"
+    if scaled.get("event") == "scaling":  # `moe-ray scale`, or `rebalance`: the same count again
+        cause = "rebalance" if scaled.get("from") == scaled.get("to") else "scale"
     return {
         "event": "restart",
-        "cause": "scale" if scaled.get("event") == "scaling" else "worker failure",
+        "cause": cause,
         "step": placement["step"],
         "world_size": placement.get("world_size"),
         "steps_lost": max(0, last_step - placement["step"]),
