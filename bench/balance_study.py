@@ -87,6 +87,7 @@ def settings(args) -> list[str]:
             "data.max_bytes=1000000",
         ]
     steps = args.steps or (200 if args.quick else 600)
+    # Equal steps and tokens for every run: 600 x 16 x 128 = 1.2M tokens.
     return [f"train.steps={steps}", f"train.eval_every={max(1, steps // 4)}", "train.eval_batches=8"]
 
 
@@ -228,8 +229,9 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def sweep_points(runs: list[dict], policy: str) -> list[tuple[float, float, float]]:
-    """(gamma, MaxVio_global, val loss) of the seed-0 runs of one controller, by gamma."""
+def sweep_points(runs: list[dict], policy: str) -> list[tuple[float, float, float, float]]:
+    """(gamma, MaxVio_global on training-text windows, on the validation split, val loss) of the
+    seed-0 runs of one controller, by gamma."""
     pts = [
         r
         for r in runs
@@ -238,7 +240,7 @@ def sweep_points(runs: list[dict], policy: str) -> list[tuple[float, float, floa
         and (r["variant"].startswith("sweep") or r["variant"] in VARIANTS)
         and r["variant"] != "loss_free+seq_1e-4"
     ]
-    return sorted((r["gamma"], r["max_vio_global"], r["val_loss"]) for r in pts)
+    return sorted((r["gamma"], r["max_vio_train_dist"], r["max_vio_global"], r["val_loss"]) for r in pts)
 
 
 def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
@@ -270,11 +272,12 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     names = list(VARIANTS)
     for ax, key, label in (
-        (axes[0], "max_vio_global", "MaxVio_global (validation)"),
-        (axes[1], "val_loss", "validation loss (nats/byte)"),
+        (axes[0], "max_vio_train_dist", "MaxVio_global, training-text windows"),
+        (axes[1], "max_vio_global", "MaxVio_global, validation split"),
+        (axes[2], "val_loss", "validation loss (nats/byte)"),
     ):
         means = [summary[n][key]["mean"] for n in names]
         low = [summary[n][key]["mean"] - summary[n][key]["min"] for n in names]
@@ -283,8 +286,9 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
         for i, n in enumerate(names):
             ax.scatter([i] * summary[n]["seeds"], [r[key] for r in main if r["variant"] == n], color="k", s=8, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set(ylabel=label, title=f"{label}: mean, min-max over seeds")
-        if key == "max_vio_global":
+        ax.set(ylabel=label, title=f"{label}\nmean, min-max over seeds", yscale="linear")
+        ax.title.set_fontsize(9)
+        if key.startswith("max_vio"):
             ax.set_yscale("log")
         else:
             ax.set_ylim(min(r[key] for r in main) - 0.02, max(r[key] for r in main) + 0.02)
@@ -297,10 +301,15 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
     for policy in ("sign", "proportional"):
         pts = sweep_points(runs, policy)
         if pts:
-            g, vio, loss = zip(*pts, strict=True)
+            g, vio, _, loss = zip(*pts, strict=True)
             axes[0].plot(g, vio, marker="o", label=policy)
             axes[1].plot(g, loss, marker="o", label=policy)
-    axes[0].set(xscale="log", xlabel="gamma (bias update speed)", ylabel="MaxVio_global", title="gamma sweep (seed 0)")
+    axes[0].set(
+        xscale="log",
+        xlabel="gamma (bias update speed)",
+        ylabel="MaxVio_global (training-text windows)",
+        title="gamma sweep (seed 0)",
+    )
     axes[1].set(
         xscale="log", xlabel="gamma (bias update speed)", ylabel="validation loss", title="gamma sweep (seed 0)"
     )
@@ -457,26 +466,49 @@ def main() -> None:
             )
         )
     for policy in SWEEP:
-        for gamma, vio, loss in sweep_points(runs, policy):
-            rows.append(emit(BENCH, f"sweep.{policy}.gamma_{gamma}", round(vio, 4), val_loss=round(loss, 4)))
+        for gamma, vio, val_vio, loss in sweep_points(runs, policy):
+            rows.append(
+                emit(
+                    BENCH,
+                    f"sweep.{policy}.gamma_{gamma}",
+                    round(vio, 4),
+                    validation_split=round(val_vio, 4),
+                    val_loss=round(loss, 4),
+                )
+            )
+    # What the controller achieves on average while it trains: the counts of the last 100 training
+    # steps summed (seed 0, whose per-step counts are kept).
+    for r in (r for r in runs if r["variant"] in VARIANTS and r["counts"] is not None):
+        window = torch.as_tensor(np.asarray(r["counts"][-100:]), dtype=torch.float64).sum(0)
+        rows.append(
+            emit(BENCH, f"max_vio_last_100_steps.{r['variant']}", round(float(max_violation(window).mean()), 4))
+        )
     for r in (r for r in runs if r["variant"] in PROBES):
         rows.append(
             emit(
                 BENCH,
                 f"{r['variant']}.max_vio_global",
-                round(r["max_vio_global"], 4),
+                round(r["max_vio_train_dist"], 4),
+                validation_split=round(r["max_vio_global"], 4),
                 val_loss=round(r["val_loss"], 4),
-                max_vio_train_dist=round(r["max_vio_train_dist"], 4),
             )
         )
-    aux = min(("aux_0.001", "aux_0.01"), key=lambda n: summary[n]["max_vio_global"]["mean"])
-    best = min(("loss_free", "loss_free_proportional"), key=lambda n: summary[n]["max_vio_global"]["mean"])
+    # The headline MaxVio_global is the one whose sampling error is below 0.02: fresh windows from
+    # all over the training text (block-bootstrap error <= 0.013). The validation split is a few
+    # hundred files, so windows cluster by file and its error is 0.04-0.1: it goes beside.
+    vio = "max_vio_train_dist"
+    aux = min(("aux_0.001", "aux_0.01"), key=lambda n: summary[n][vio]["mean"])
+    best = min(("loss_free", "loss_free_proportional"), key=lambda n: summary[n][vio]["mean"])
+
+    def split(name):
+        return {"validation_split": round(summary[name]["max_vio_global"]["mean"], 4)}
+
     headline = {
-        "maxvio_global_loss_free": (summary["loss_free"]["max_vio_global"]["mean"], {"target": "<= 0.05"}),
-        "maxvio_global_aux_loss": (summary[aux]["max_vio_global"]["mean"], {"variant": aux}),
+        "maxvio_global_loss_free": (summary["loss_free"][vio]["mean"], {"target": "<= 0.05", **split("loss_free")}),
+        "maxvio_global_aux_loss": (summary[aux][vio]["mean"], {"variant": aux, **split(aux)}),
         "val_loss_loss_free": (summary["loss_free"]["val_loss"]["mean"], {}),
         "val_loss_aux_loss": (summary[aux]["val_loss"]["mean"], {"variant": aux}),
-        "maxvio_global_best_policy": (summary[best]["max_vio_global"]["mean"], {"variant": best}),
+        "maxvio_global_best_policy": (summary[best][vio]["mean"], {"variant": best, **split(best)}),
         "val_loss_best_policy": (summary[best]["val_loss"]["mean"], {"variant": best}),
     }
     for metric, (value, extra) in headline.items():
