@@ -339,17 +339,19 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def rank_imbalance(tiny: bool) -> dict:
+def rank_imbalance(tiny: list[str] | None) -> dict:
     """A run on Ray whose experts are skewed (no balancing), 4 workers: per-rank rows received
     (max/mean over ranks, mean over layers, as the workers measure it every step) in contiguous
-    blocks, then after `moe-ray rebalance` packs experts by the coordinator's recent load."""
+    blocks, then after `moe-ray rebalance` packs experts by the coordinator's recent load.
+    `tiny`: the --tiny model settings (the tests), for a few steps."""
     from common import short_quickstart
 
     from moe_ray.runtime.driver import request_rebalance, run_job
 
     steps, at = (8, 4) if tiny else (90, 60)
+    model = [s for s in tiny or [] if s.startswith(("model.", "train.batch_size", "train.seq_len", "data."))]
     with tempfile.TemporaryDirectory() as storage:
-        job = short_quickstart(storage, steps)
+        job = short_quickstart(storage, steps, extra=model)
         job = job.model_copy(
             update={
                 "balance": job.balance.model_copy(update={"method": "none", "seq_aux_alpha": 0.0}),
@@ -420,18 +422,23 @@ def main() -> None:
     todo = [t for t in todo if task_key(t) not in done]
     for r in runs:
         r["counts"] = np.array(r["counts"]) if r["counts"] is not None else None
-    with mp.get_context("spawn").Pool(args.procs) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_one, todo), 1):
-            runs.append(r)
-            with journal.open("a") as f:
-                f.write(json.dumps({**r, "counts": r["counts"].tolist() if r["counts"] is not None else None}) + "\n")
-            print(
-                f"[{i}/{len(todo)}] {r['variant']} seed {r['seed']} gamma {r['gamma']}: val {r['val_loss']:.4f}, "
-                f"MaxVio_global {r['max_vio_global']:.3f} +- {r['max_vio_global_se']:.3f} "
-                f"({r['seconds']:.0f} s; {time.time() - started:.0f} s so far)",
-                file=sys.stderr,
-                flush=True,
-            )
+
+    def train(todo: list[dict]) -> None:
+        with mp.get_context("spawn").Pool(args.procs) as pool:
+            for i, r in enumerate(pool.imap_unordered(run_one, todo), 1):
+                runs.append(r)
+                with journal.open("a") as f:
+                    counts = r["counts"].tolist() if r["counts"] is not None else None
+                    f.write(json.dumps({**r, "counts": counts}) + "\n")
+                print(
+                    f"[{i}/{len(todo)}] {r['variant']} seed {r['seed']} gamma {r['gamma']}: val {r['val_loss']:.4f}, "
+                    f"MaxVio_global {r['max_vio_global']:.3f} +- {r['max_vio_global_se']:.3f} "
+                    f"({r['seconds']:.0f} s; {time.time() - started:.0f} s so far)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    train(todo)
     runs.sort(key=lambda r: (r["variant"], r["seed"], r["gamma"] or 0))
     summary = summarise(runs)
     steps = load_job(ROOT / "jobs" / "quickstart.yaml", settings(args)).train.steps
@@ -513,7 +520,7 @@ def main() -> None:
     }
     for metric, (value, extra) in headline.items():
         rows.append(emit(BENCH, metric, round(value, 4), **extra))
-    imbalance = rank_imbalance(args.tiny)
+    imbalance = rank_imbalance(settings(args) if args.tiny else None)
     rows.append(
         emit(
             BENCH,

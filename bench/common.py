@@ -83,8 +83,9 @@ def machine() -> dict:
     }
 
 
-def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0):
-    """The quickstart job cut to `steps` steps, no evaluation, checkpoints and MLflow into `storage`."""
+def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0, extra: list[str] | None = None):
+    """The quickstart job cut to `steps` steps, no evaluation, checkpoints and MLflow into
+    `storage`; `extra`: more dotted overrides."""
     from pathlib import Path
 
     from moe_ray.spec import load_job
@@ -99,4 +100,4 @@ def short_quickstart(storage: str, steps: int, checkpoint_every: int = 0):
         # second run of it never meets the first one's MLflow run (same run name).
         f"tracking.uri=sqlite:///{Path(storage).resolve() / 'mlflow.db'}",
     ]
-    return load_job(Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml", overrides)
+    return load_job(Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml", overrides + (extra or []))

@@ -138,5 +138,9 @@ def test_placement_plan_packs_the_recent_load_when_asked():
     always = CoordinatorState(LAYERS, EXPERTS, BALANCE | {"placement": "balanced"}, STEPS)
     always.exchange(always.begin(0, 2, None), 0, skewed)
     assert always.plan_placement(EXPERTS, 2, [0, 0], False)["orders"] == [[0, 2, 1, 3], [2, 3, 0, 1]]
+    # A rebalance that a restart after a failure carried out does not stop the new group again.
+    state.rebalance_requested, state.desired_workers = True, 2
+    assert state.plan_placement(EXPERTS, 2, [0, 0], False)["orders"] is not None
+    assert state.desired_workers is None
     # Node-limited routing on two nodes of one rank each: nothing can move between nodes.
     assert always.plan_placement(EXPERTS, 2, [0, 1], True)["orders"] == [[0, 1, 2, 3], [0, 1, 2, 3]]

@@ -26,6 +26,14 @@ def test_empty_or_non_mapping_job_file_is_refused(tmp_path, text):
 BAD_NAME = "x; touch /tmp/pwned #"
 
 
+def test_rebalance_of_an_unknown_local_run_is_refused():
+    import ray
+
+    out = CliRunner().invoke(app, ["rebalance", "no-such-run-here"])
+    assert out.exit_code == 1 and "no run 'no-such-run-here' is running on this machine" in out.output
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -27,7 +27,14 @@ def test_deepseek_v3_job_has_the_v3_shape():
 def test_the_balance_study_jobs_are_the_quickstart_differing_only_in_balancing():
     quick = load_job(next(p for p in JOBS if p.stem == "quickstart")).model_dump()
     study = {p.stem: load_job(p).model_dump() for p in JOBS if p.stem.startswith("balance-")}
-    assert len(study) == 5
+    assert len(study) == 6
+    # ... and exactly the study's variants, so that each runs on Ray as a job.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from balance_study import VARIANTS
+
+    assert set(VARIANTS.values()) == set(study)
     for job in study.values():
         assert {k for k in quick if quick[k] != job[k]} <= {"name", "balance", "tracking"}
         assert job["tracking"]["experiment"] == "balance-comparison"

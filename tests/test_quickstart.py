@@ -14,7 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quickstart_job_end_to_end(tmp_path):
     cli = Path(sys.executable).parent / "moe-ray"
     proc = subprocess.run(
-        [str(cli), "run", str(ROOT / "jobs" / "quickstart.yaml"), "--set", f"checkpoint.storage={tmp_path}"],
+        # Half the steps (test time): the same job, CLI, log lines, evaluations and checkpoint.
+        [
+            str(cli),
+            "run",
+            str(ROOT / "jobs" / "quickstart.yaml"),
+            "--set",
+            f"checkpoint.storage={tmp_path}",
+            "--set",
+            "train.steps=150",
+            "--set",
+            "train.eval_every=50",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -23,7 +34,7 @@ def test_quickstart_job_end_to_end(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     # Periodic log lines (not a terminal) with step, loss, tokens/s and MaxVio.
-    assert re.search(r"step 25/300 loss [\d.]+ .* tok/s maxvio [\d.]+", out), out[-3000:]
+    assert re.search(r"step 25/150 loss [\d.]+ .* tok/s maxvio [\d.]+", out), out[-3000:]
     m = re.search(r"train loss ([\d.]+), val loss ([\d.]+), MaxVio_global ([\d.]+)", out)
     assert m, out[-3000:]
     val_loss = float(m[2])
@@ -32,7 +43,7 @@ def test_quickstart_job_end_to_end(tmp_path):
     assert len(evals) == 3 and evals[-1] < evals[0]
     ckpt_line = re.search(r"checkpoint: (\S+)", out)[1]
     assert Path(ckpt_line, "index.json").is_file()
-    assert "step-00000300" in ckpt_line
+    assert "step-00000150" in ckpt_line
 
 
 def test_invalid_job_is_refused_with_every_problem(tmp_path):
@@ -46,10 +57,9 @@ def test_invalid_job_is_refused_with_every_problem(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "command", [["scale", "no-such-run-here", "--workers", "2"], ["rebalance", "no-such-run-here"]]
-)
-def test_scale_or_rebalance_of_an_unknown_local_run_is_refused(command):
+def test_scale_of_an_unknown_local_run_is_refused():
     cli = Path(sys.executable).parent / "moe-ray"
-    proc = subprocess.run([str(cli), *command], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(cli), "scale", "no-such-run-here", "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "no run 'no-such-run-here' is running on this machine" in proc.stderr

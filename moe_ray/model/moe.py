@@ -2,11 +2,12 @@
 
 h = u + shared(u) + sum_i g_i * routed_i(u)   (the residual is added by the block; DESIGN 2.1)
 
-Tokens are permuted so that each expert's rows are contiguous (stable sort by the experts' order:
-global id, unless a load-aware expert placement set another order so that every rank's experts
-are one run of rows), handed to a dispatcher that gets them to their experts and back, then scaled by the gates and
-scattered back to their tokens. The default dispatcher runs every expert in this process; the
-expert-parallel one (moe_ray.parallel.dispatch) sends rows to the ranks that own their experts.
+Tokens are permuted so that each expert's rows are contiguous (stable sort by the experts'
+order: global id, unless a load-aware expert placement set another order so that every rank's
+experts are one run of rows), handed to a dispatcher that gets them to their experts and back,
+then scaled by the gates and scattered back to their tokens. The default dispatcher runs every
+expert in this process; the expert-parallel one (moe_ray.parallel.dispatch) sends rows to the
+ranks that own their experts.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ class TokenDispatcher(Protocol):
         overlap: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rows: (R, d) sorted by expert in the layer's expert order, gates: (R,) their gate
-        weights, counts: (n_routed_experts,) rows per expert in that order. Returns the gate-weighted expert outputs
-        for the same rows, in the same order, and `overlap()`: work that needs none of the
-        routed rows (the shared experts), which a dispatcher that communicates computes while
-        the rows are in flight."""
+        weights, counts: (n_routed_experts,) rows per expert in that order. Returns the
+        gate-weighted expert outputs for the same rows, in the same order, and `overlap()`: work
+        that needs none of the routed rows (the shared experts), which a dispatcher that
+        communicates computes while the rows are in flight."""
         ...
 
 

@@ -122,7 +122,6 @@ class CoordinatorState:
         self.recent_load: torch.Tensor | None = None  # (layers, experts) moving average of global counts
         self.load_steps = 0
         self.rebalance_requested = False
-        self.orders: tuple | None = None  # the placement's per-layer expert orders (None: contiguous)
         self.bias_checks = 0
         self.bias_mismatches: list[dict] = []
         self.fatal: str | None = None  # set by a bias mismatch: the run stops
@@ -229,8 +228,11 @@ class CoordinatorState:
         if wanted and load is not None:
             nodes = list(node_of_rank[:ep_size]) if node_limited else None
             orders = balanced_orders(load, contiguous.block_sizes, nodes)
+        if self.rebalance_requested and self.desired_workers == len(node_of_rank):
+            # Done by this start (a group that Ray Train restarted after a failure, before the
+            # old one could stop for it): the new group must not stop again for it.
+            self.desired_workers = None
         self.rebalance_requested = False
-        self.orders = orders
         plan = {"orders": [list(o) for o in orders] if orders else None}
         if load is not None:
             chosen = ExpertPlacement(n_experts, ep_size, tuple(node_of_rank), orders)
@@ -308,7 +310,8 @@ class Coordinator:
                 "balance.placement: balanced in the job to place experts by load at every restart"
             )
         s.rebalance_requested = True
-        s.desired_workers = s.world_size
+        if s.desired_workers is None:  # a pending `scale` restarts the group anyway, and rebalances it
+            s.desired_workers = s.world_size
         s.events.append({"event": "rebalance_requested", "time": time.time()})
         return {"world_size": s.world_size}
 
