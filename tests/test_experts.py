@@ -121,6 +121,22 @@ def test_weighted_swiglu_and_permutation_gradients():
     torch.testing.assert_close(combine_rows(gather_rows(x, order, inv, top_k), order, inv, top_k), top_k * x)
 
 
+def test_per_token_sum_has_the_bits_of_the_plain_gather_and_sum():
+    from moe_ray.model.permutation import inverse_permutation, sum_rows_per_token
+
+    top_k, tokens = 6, 300
+    order = torch.argsort(torch.randint(0, 64, (tokens * top_k,)), stable=True)
+    inv = inverse_permutation(order)
+    rows = torch.randn(tokens * top_k, 32)
+    plain = rows.index_select(0, inv).view(tokens, top_k, 32).sum(dim=1)
+    assert torch.equal(sum_rows_per_token(rows, inv, top_k), plain)
+    # bf16 rows are summed in fp32 and rounded once, as the plain sum does.
+    low = rows.bfloat16()
+    fast = sum_rows_per_token(low, inv, top_k)
+    assert fast.dtype == torch.bfloat16
+    assert torch.equal(fast, low.float().index_select(0, inv).view(tokens, top_k, 32).sum(dim=1).bfloat16())
+
+
 def test_a_shard_built_with_its_experts_only_equals_the_full_models_slice(tmp_path):
     from conftest import tiny_job
 

@@ -163,6 +163,33 @@ def test_bf16_training_step_on_gpu_with_nccl(nccl_group, fsdp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_overlap_on_nccl_gives_the_same_numbers_as_without(nccl_group, fsdp):
+    """Shared-expert overlap on NCCL (the all-to-all runs asynchronously on NCCL's stream and is
+    waited for on the compute stream, forward and backward): the bf16 loss and every gradient
+    equal the same pass without overlap, bit for bit."""
+    from moe_ray.storage.checkpoint import full_cpu
+
+    torch.manual_seed(2)
+    window = torch.randint(0, 256, (8, 130), device="cuda")
+    result = {}
+    for overlap in (True, False):
+        model, grads = expert_parallel_model(fsdp)
+        for layer in model.moe_layers():
+            layer.dispatcher.overlap = overlap
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.compute_loss(window)
+        out.loss.backward()
+        grads.sync(model)
+        result[overlap] = (out.loss.detach(), {n: full_cpu(p.grad) for n, p in model.named_parameters()})
+    (loss_on, grads_on), (loss_off, grads_off) = result[True], result[False]
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_on:
+        assert torch.equal(grads_on[name], grads_off[name]), name
+
+
+@pytest.mark.gpu
 @cuda
 def test_grouped_gemm_bf16_on_gpu_matches_the_loop():
     from moe_ray.model.experts import grouped_matmul
