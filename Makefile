@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU torch that lies on local disk; a machine with an NVIDIA GPU keeps (or gets) its CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: run test test-fast bench bench-full study lint setup clean
+.PHONY: run test test-fast bench bench-full study study-best lint setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-full: $(STAMP)
 # bench/results/balance_study/.
 study: $(STAMP)
 	$(BIN)/python bench/balance_study.py
+
+# After `make study`: the other seeds of each controller at its sweep's best gamma (4 runs).
+study-best: $(STAMP)
+	$(BIN)/python bench/balance_study.py --resume --confirm-best
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_ray tests bench

@@ -19,7 +19,12 @@ after `moe-ray rebalance`.
 JSON lines on stdout; the figures also go into bench/results/latest.json; plots and
 results.json into --out.
 
+`--confirm-best` adds the other seeds of each controller at the gamma its sweep found best (one
+seed finds it, so without this the "best gamma" is one seed's word); with `--resume` after a
+study it trains only those runs (4, about 9 minutes here).
+
     python bench/balance_study.py [--quick | --tiny] [--steps N] [--seeds N] [--procs N] [--out DIR]
+                                  [--resume] [--confirm-best]
 """
 
 from __future__ import annotations
@@ -193,6 +198,45 @@ def tasks(args) -> list[dict]:
         t.update(settings=base + t.pop("extra", []), batches=final_batches(args))
         t["gamma"] = t["balance"]["bias_update_speed"] if t["balance"]["method"] == "loss_free" else None
         t["policy"] = t["balance"]["policy"] if t["balance"]["method"] == "loss_free" else None
+    return out
+
+
+# The main variant that runs each controller at its job's gamma (seeds 0..N-1 already there).
+CONTROLLER_VARIANT = {"sign": "loss_free", "proportional": "loss_free_proportional"}
+
+
+def best_gammas(runs: list[dict]) -> dict[str, float]:
+    """Per controller, the gamma whose seed-0 run ended with the lowest MaxVio_global (training text)."""
+    return {policy: min(sweep_points(runs, policy), key=lambda p: p[1])[0] for policy in SWEEP}
+
+
+def at_gamma(runs: list[dict], policy: str, gamma: float) -> list[dict]:
+    """Every seed's run of `policy` at `gamma` without the sequence-wise loss: sweep, main variant
+    or confirmation."""
+    names = (f"sweep_{policy}", CONTROLLER_VARIANT[policy], f"best_gamma_{policy}")
+    return [r for r in runs if r["policy"] == policy and r["gamma"] == gamma and r["variant"] in names]
+
+
+def confirm_tasks(args, runs: list[dict]) -> list[dict]:
+    """The seeds that each controller's best gamma still lacks."""
+    out = []
+    for policy, gamma in best_gammas(runs).items():
+        have = {r["seed"] for r in at_gamma(runs, policy, gamma)}
+        template = variant_balance(VARIANTS[CONTROLLER_VARIANT[policy]])
+        balance = template.model_copy(update={"bias_update_speed": gamma}).model_dump()
+        for seed in sorted(set(range(args.seeds)) - have):
+            out.append(
+                {
+                    "variant": f"best_gamma_{policy}",
+                    "seed": seed,
+                    "balance": balance,
+                    "keep_counts": False,
+                    "settings": settings(args),
+                    "batches": final_batches(args),
+                    "gamma": gamma,
+                    "policy": policy,
+                }
+            )
     return out
 
 
@@ -404,7 +448,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "balance_study")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/latest.json")
     parser.add_argument("--resume", action="store_true", help="reuse the finished runs in OUT/runs.jsonl")
+    parser.add_argument(
+        "--confirm-best", action="store_true", help="all seeds of each controller at its sweep's best gamma"
+    )
     args = parser.parse_args()
+    if args.confirm_best and args.tiny:
+        parser.error("--confirm-best needs the gamma sweep, which --tiny skips")
     args.out.mkdir(parents=True, exist_ok=True)
     todo = tasks(args)
     started = time.time()
@@ -439,6 +488,10 @@ def main() -> None:
                 )
 
     train(todo)
+    if args.confirm_best:
+        confirm = confirm_tasks(args, runs)
+        runs += [done[task_key(t)] for t in confirm if task_key(t) in done]
+        train([t for t in confirm if task_key(t) not in done])
     runs.sort(key=lambda r: (r["variant"], r["seed"], r["gamma"] or 0))
     summary = summarise(runs)
     steps = load_job(ROOT / "jobs" / "quickstart.yaml", settings(args)).train.steps
@@ -483,6 +536,22 @@ def main() -> None:
                     val_loss=round(loss, 4),
                 )
             )
+    if args.confirm_best:
+        for policy, gamma in best_gammas(runs).items():
+            mine = at_gamma(runs, policy, gamma)
+            rows.append(
+                emit(
+                    BENCH,
+                    f"best_gamma.{policy}",
+                    round(float(np.mean([r["max_vio_train_dist"] for r in mine])), 4),
+                    gamma=gamma,
+                    seeds=len(mine),
+                    per_seed=[round(r["max_vio_train_dist"], 4) for r in mine],
+                    validation_split=round(float(np.mean([r["max_vio_global"] for r in mine])), 4),
+                    val_loss=round(float(np.mean([r["val_loss"] for r in mine])), 4),
+                    val_loss_per_seed=[round(r["val_loss"], 4) for r in mine],
+                )
+            )
     # What the controller achieves on average while it trains: the counts of the last 100 training
     # steps summed (seed 0, whose per-step counts are kept).
     for r in (r for r in runs if r["variant"] in VARIANTS and r["counts"] is not None):
@@ -505,7 +574,29 @@ def main() -> None:
     # hundred files, so windows cluster by file and its error is 0.04-0.1: it goes beside.
     vio = "max_vio_train_dist"
     aux = min(("aux_0.001", "aux_0.01"), key=lambda n: summary[n][vio]["mean"])
-    best = min(("loss_free", "loss_free_proportional"), key=lambda n: summary[n][vio]["mean"])
+    # The best controller: of the two at the jobs' gamma, and with --confirm-best also each at the
+    # gamma its sweep found best (all seeds).
+    candidates = {
+        name: {"runs": [r for r in runs if r["variant"] == name], "gamma": summary[name]["gamma"]}
+        for name in CONTROLLER_VARIANT.values()
+    }
+    if args.confirm_best:
+        for policy, gamma in best_gammas(runs).items():
+            candidates[f"{CONTROLLER_VARIANT[policy]}_gamma_{gamma}"] = {
+                "runs": at_gamma(runs, policy, gamma),
+                "gamma": gamma,
+            }
+
+    def mean_of(name, key):
+        return float(np.mean([r[key] for r in candidates[name]["runs"]]))
+
+    best = min(candidates, key=lambda n: mean_of(n, vio))
+    best_extra = {
+        "variant": best,
+        "gamma": candidates[best]["gamma"],
+        "seeds": len(candidates[best]["runs"]),
+        "validation_split": round(mean_of(best, "max_vio_global"), 4),
+    }
 
     def split(name):
         return {"validation_split": round(summary[name]["max_vio_global"]["mean"], 4)}
@@ -515,8 +606,8 @@ def main() -> None:
         "maxvio_global_aux_loss": (summary[aux][vio]["mean"], {"variant": aux, **split(aux)}),
         "val_loss_loss_free": (summary["loss_free"]["val_loss"]["mean"], {}),
         "val_loss_aux_loss": (summary[aux]["val_loss"]["mean"], {"variant": aux}),
-        "maxvio_global_best_policy": (summary[best][vio]["mean"], {"variant": best, **split(best)}),
-        "val_loss_best_policy": (summary[best]["val_loss"]["mean"], {"variant": best}),
+        "maxvio_global_best_policy": (mean_of(best, vio), best_extra),
+        "val_loss_best_policy": (mean_of(best, "val_loss"), {"variant": best}),
     }
     for metric, (value, extra) in headline.items():
         rows.append(emit(BENCH, metric, round(value, 4), **extra))

@@ -57,3 +57,38 @@ def test_ablations_tiny():
     assert by["shared_experts.a.val_loss"]["active_params"] == by["shared_experts.b.val_loss"]["active_params"]
     seg_a, seg_b = by["segmentation.a.val_loss"]["active_params"], by["segmentation.b.val_loss"]["active_params"]
     assert abs(seg_a - seg_b) < 0.02 * seg_a
+
+
+def test_confirm_best_adds_the_missing_seeds_at_each_controllers_best_gamma():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import balance_study as study
+
+    def run(variant, policy, gamma, seed, vio):
+        return {
+            "variant": variant,
+            "policy": policy,
+            "gamma": gamma,
+            "seed": seed,
+            **{"max_vio_train_dist": vio, "max_vio_global": vio, "val_loss": 1.5},
+        }
+
+    runs = [
+        *(run("loss_free", "sign", 0.01, s, 0.2) for s in range(3)),
+        *(run("loss_free_proportional", "proportional", 0.01, s, 0.15) for s in range(3)),
+        run("loss_free+seq_1e-4", "sign", 0.01, 0, 0.01),  # not a plain controller: never the best
+        run("sweep_sign", "sign", 0.003, 0, 0.12),
+        run("sweep_sign", "sign", 0.03, 0, 0.5),
+        run("sweep_proportional", "proportional", 0.03, 0, 0.3),
+    ]
+    assert study.best_gammas(runs) == {"sign": 0.003, "proportional": 0.01}
+    args = study.argparse.Namespace(seeds=3, tiny=False, quick=True, steps=None)
+    todo = study.confirm_tasks(args, runs)
+    # sign lacks seeds 1 and 2 at 0.003; proportional's best is its job's gamma, whose seeds ran.
+    assert [(t["variant"], t["seed"], t["balance"]["bias_update_speed"]) for t in todo] == [
+        ("best_gamma_sign", 1, 0.003),
+        ("best_gamma_sign", 2, 0.003),
+    ]
+    assert all(t["balance"]["policy"] == "sign" and t["balance"]["bias_freeze_fraction"] == 0 for t in todo)
+    runs += [run(t["variant"], "sign", 0.003, t["seed"], 0.1) for t in todo]
+    assert [r["seed"] for r in study.at_gamma(runs, "sign", 0.003)] == [0, 1, 2]
+    assert study.confirm_tasks(args, runs) == []
