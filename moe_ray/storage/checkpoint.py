@@ -230,7 +230,8 @@ def _set_adam_state(optimizer, param, step: int, values: dict[str, torch.Tensor]
     if not values:
         return
     state = optimizer.state[param]
-    state["step"] = torch.tensor(float(step))
+    # Where AdamW keeps it: the fused kernel wants the step on the parameter's device.
+    state["step"] = torch.tensor(float(step), device=param.device)
     for s, v in values.items():
         state[s] = shaped_like(param, v)
 
