@@ -54,3 +54,25 @@ def test_router_weight_decay_can_be_switched_off():
     assert routers <= decayed(TrainConfig())
     without = decayed(TrainConfig(router_weight_decay=False))
     assert not routers & without and len(without) == len(decayed(TrainConfig())) - len(routers)
+
+
+def test_optimizer_gives_a_shard_the_bits_of_the_whole_parameter():
+    """What FSDP relies on for bit-exact layouts: AdamW updates each element alone, so rows
+    [0, 37) and [37, 96) updated as two parameters equal the whole one updated at once."""
+    import torch
+    from torch import nn
+
+    from moe_ray.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    weight, grads = torch.randn(96, 40), [torch.randn(96, 40) for _ in range(4)]
+    whole = nn.ParameterDict({"w": nn.Parameter(weight.clone())})
+    parts = nn.ParameterDict({"a": nn.Parameter(weight[:37].clone()), "b": nn.Parameter(weight[37:].clone())})
+    cfg = TrainConfig(lr=1e-2)
+    opt_whole, opt_parts = build_optimizer(whole, cfg), build_optimizer(parts, cfg)
+    for g in grads:
+        whole["w"].grad, parts["a"].grad, parts["b"].grad = g.clone(), g[:37].clone(), g[37:].clone()
+        opt_whole.step()
+        opt_parts.step()
+    assert not torch.equal(whole["w"].detach(), weight)
+    assert torch.equal(whole["w"].detach(), torch.cat([parts["a"].detach(), parts["b"].detach()]))
