@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, model_validator
 
 from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
 from moe_ray.secrets import looks_secret_key, redact, secret_value_kind
@@ -81,6 +81,8 @@ class TrackingConfig(Strict):
     log_every: PositiveInt = 10  # steps between metric points
     heatmap_every: PositiveInt = 100  # steps between expert-load heatmap refreshes
     log_model: bool = False  # also upload the final checkpoint's files as the run's `model/` artifacts
+    # How long a finished run waits for an unreachable server to take what is still queued.
+    flush_timeout_s: PositiveFloat = 30.0
 
 
 # One rule for job and run names, wherever they enter (job files, --run, moe-ray scale, the

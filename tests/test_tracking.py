@@ -131,7 +131,9 @@ def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_st
 def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tracked_run, tmp_path):
     stack = mlflow_stack  # the module's server: the tests above have read what they need from it
     job = tiny_job(
-        tmp_path / "runs", train__steps=60, tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1}
+        tmp_path / "runs",
+        train__steps=60,
+        tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1, "flush_timeout_s": 2},
     )
     killed = {}
 

@@ -151,4 +151,4 @@ class RunTracking:
             self.tracker.set_tags({"moe_ray.checkpoint": result.checkpoint or ""})
             if self.cfg.log_model and result.checkpoint:
                 self._log_model(result.checkpoint)
-        self.tracker.close(status)
+        self.tracker.close(status, timeout_s=self.cfg.flush_timeout_s)
