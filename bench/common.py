@@ -34,16 +34,18 @@ def save_results(rows: list[dict], meta: dict) -> None:
     kept = []
     if path.is_file():
         kept = [r for r in json.loads(path.read_text()).get("results", []) if r.get("bench") not in replaced]
-    results = kept + rows
+    # Each row keeps the date and settings of the run that made it: the file mixes runs.
+    results = kept + [{**r, "run": f"{meta['date']} {meta['mode']}"} for r in rows]
     path.write_text(json.dumps({"machine": meta, "results": results}, indent=2))
     lines = [
-        f"Measured {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, "
-        f"torch {meta['torch']} ({meta['mode']}).",
+        f"Last written {meta['date']} on {meta['cores']} cores, GPU: {meta['gpu']}, torch {meta['torch']}.",
         "",
-        "| bench | metric | value | target |",
-        "|---|---|---|---|",
+        "| bench | metric | value | target | run |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['bench']} | {r['metric']} | {r['value']} | {r.get('target', '')} |" for r in results]
+    lines += [
+        f"| {r['bench']} | {r['metric']} | {r['value']} | {r.get('target', '')} | {r.get('run', '')} |" for r in results
+    ]
     (RESULTS / "latest.md").write_text("\n".join(lines) + "\n")
 
 

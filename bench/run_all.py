@@ -1,7 +1,9 @@
 """Run every benchmark, collect their JSON lines into bench/results/latest.json and a Markdown
 table (bench/results/latest.md).
 
-    python bench/run_all.py [--full]
+    python bench/run_all.py [--full] [--only moe_layer e2e ...]
+
+With --only, just those benchmarks run, and only their rows in latest.json are replaced.
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ BENCHES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="long settings (default: quick)")
+    parser.add_argument("--only", nargs="+", metavar="BENCH", help="run just these (names without .py)")
     args = parser.parse_args()
+    names = BENCHES
+    if args.only:
+        known = [n.removesuffix(".py") for n in BENCHES]
+        unknown = sorted(set(args.only) - set(known))
+        if unknown:
+            parser.error(f"no benchmark named {', '.join(unknown)}; there are {', '.join(known)}")
+        names = [n for n in BENCHES if n.removesuffix(".py") in args.only]
     rows, failed = [], []
-    for name in BENCHES:
+    for name in names:
         cmd = [sys.executable, str(HERE / name)] + ([] if args.full else ["--quick"])
         print(f"# {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
