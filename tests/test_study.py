@@ -92,3 +92,21 @@ def test_confirm_best_adds_the_missing_seeds_at_each_controllers_best_gamma():
     runs += [run(t["variant"], "sign", 0.003, t["seed"], 0.1) for t in todo]
     assert [r["seed"] for r in study.at_gamma(runs, "sign", 0.003)] == [0, 1, 2]
     assert study.confirm_tasks(args, runs) == []
+
+
+def test_saved_results_replace_only_their_benchmarks_rows_and_say_which_run_made_them(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)  # never the checkout's bench/results
+
+    def meta(date, mode):
+        return {"date": date, "mode": mode, "cores": 2, "gpu": "none", "torch": "t"}
+
+    common.save_results([{"bench": "a", "metric": "x", "value": 1}], meta("d1", "quick"))
+    common.save_results([{"bench": "b", "metric": "y", "value": 2}], meta("d2", "study full"))
+    common.save_results([{"bench": "a", "metric": "x", "value": 3, "target": "<= 4"}], meta("d3", "full"))
+    rows = json.loads((tmp_path / "latest.json").read_text())["results"]
+    assert [(r["bench"], r["value"], r["run"]) for r in rows] == [("b", 2, "d2 study full"), ("a", 3, "d3 full")]
+    table = (tmp_path / "latest.md").read_text()
+    assert "| b | y | 2 |  | d2 study full |" in table and "| a | x | 3 | <= 4 | d3 full |" in table
