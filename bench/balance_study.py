@@ -494,6 +494,7 @@ def main() -> None:
         train([t for t in confirm if task_key(t) not in done])
     runs.sort(key=lambda r: (r["variant"], r["seed"], r["gamma"] or 0))
     summary = summarise(runs)
+    confirmed = best_gammas(runs) if args.confirm_best else {}  # controller -> its best gamma, all seeds run
     steps = load_job(ROOT / "jobs" / "quickstart.yaml", settings(args)).train.steps
     rows = []
     for name, s in summary.items():
@@ -536,22 +537,21 @@ def main() -> None:
                     val_loss=round(loss, 4),
                 )
             )
-    if args.confirm_best:
-        for policy, gamma in best_gammas(runs).items():
-            mine = at_gamma(runs, policy, gamma)
-            rows.append(
-                emit(
-                    BENCH,
-                    f"best_gamma.{policy}",
-                    round(float(np.mean([r["max_vio_train_dist"] for r in mine])), 4),
-                    gamma=gamma,
-                    seeds=len(mine),
-                    per_seed=[round(r["max_vio_train_dist"], 4) for r in mine],
-                    validation_split=round(float(np.mean([r["max_vio_global"] for r in mine])), 4),
-                    val_loss=round(float(np.mean([r["val_loss"] for r in mine])), 4),
-                    val_loss_per_seed=[round(r["val_loss"], 4) for r in mine],
-                )
+    for policy, gamma in confirmed.items():
+        mine = at_gamma(runs, policy, gamma)
+        rows.append(
+            emit(
+                BENCH,
+                f"best_gamma.{policy}",
+                round(float(np.mean([r["max_vio_train_dist"] for r in mine])), 4),
+                gamma=gamma,
+                seeds=len(mine),
+                per_seed=[round(r["max_vio_train_dist"], 4) for r in mine],
+                validation_split=round(float(np.mean([r["max_vio_global"] for r in mine])), 4),
+                val_loss=round(float(np.mean([r["val_loss"] for r in mine])), 4),
+                val_loss_per_seed=[round(r["val_loss"], 4) for r in mine],
             )
+        )
     # What the controller achieves on average while it trains: the counts of the last 100 training
     # steps summed (seed 0, whose per-step counts are kept).
     for r in (r for r in runs if r["variant"] in VARIANTS and r["counts"] is not None):
@@ -580,12 +580,11 @@ def main() -> None:
         name: {"runs": [r for r in runs if r["variant"] == name], "gamma": summary[name]["gamma"]}
         for name in CONTROLLER_VARIANT.values()
     }
-    if args.confirm_best:
-        for policy, gamma in best_gammas(runs).items():
-            candidates[f"{CONTROLLER_VARIANT[policy]}_gamma_{gamma}"] = {
-                "runs": at_gamma(runs, policy, gamma),
-                "gamma": gamma,
-            }
+    for policy, gamma in confirmed.items():
+        candidates[f"{CONTROLLER_VARIANT[policy]}_gamma_{gamma}"] = {
+            "runs": at_gamma(runs, policy, gamma),
+            "gamma": gamma,
+        }
 
     def mean_of(name, key):
         return float(np.mean([r[key] for r in candidates[name]["runs"]]))
