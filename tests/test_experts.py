@@ -16,36 +16,45 @@ def make_experts(n=8, d=16, h=12, seed=0):
     return ex
 
 
-@pytest.mark.parametrize("counts", [[5, 0, 7, 1, 0, 0, 9, 3], [0, 0, 0, 0, 0, 0, 0, 25], [0] * 8])
-def test_grouped_mm_equals_loop_in_output_and_gradients(counts):
-    grouped = make_experts()
-    looped = make_experts()
-    looped.use_grouped_mm = False
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts", [[5, 0, 7, 1, 0, 0, 9, 3], [0, 0, 0, 0, 0, 0, 0, 25], [0] * 8, [300, 200, 0, 1, 50, 400, 20, 3]]
+)
+def test_fast_path_equals_loop_in_output_and_gradients(counts, dtype):
+    """On the CPU the fast path is the fused per-expert pass: the loop's arithmetic in another
+    order of work, so the same bits, gate gradients included."""
+    fast = make_experts().to(dtype)
+    looped = make_experts().to(dtype)
+    looped.fast_path = False
     counts = torch.tensor(counts)
-    x = torch.randn(int(counts.sum()), 16)
+    x, gates = torch.randn(int(counts.sum()), 16, dtype=dtype), torch.rand(int(counts.sum()), dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = grouped(x1, counts), looped(x2, counts)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g1, g2 = gates.clone().requires_grad_(), gates.clone().requires_grad_()
+    y1, y2 = fast(x1, counts, g1), looped(x2, counts, g2)
+    assert torch.equal(y1, y2)
     upstream = torch.randn_like(y1)
     (y1 * upstream).sum().backward()
     (y2 * upstream).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped.w13.grad, looped.w13.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped.w2.grad, looped.w2.grad, rtol=1e-5, atol=1e-5)
-    # Empty experts get exactly zero gradient.
+    pairs = [(x1.grad, x2.grad), (g1.grad, g2.grad), (fast.w13.grad, looped.w13.grad), (fast.w2.grad, looped.w2.grad)]
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    # Empty experts get exactly zero gradient (the fast path writes only the others).
     empty = counts == 0
-    assert grouped.w13.grad[empty].abs().sum() == 0
+    assert fast.w13.grad[empty].abs().sum() == 0 and fast.w2.grad[empty].abs().sum() == 0
 
 
-def test_loop_fallback_handles_float64_with_gradcheck():
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_expert_gradients_pass_gradcheck_in_float64(fast_path):
     ex = make_experts(n=3, d=4, h=3).double()
+    ex.fast_path = fast_path
     counts = torch.tensor([2, 0, 3])
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: _call(ex, x, counts, a, b), (x, ex.w13, ex.w2))
+    gates = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g, a, b: _call(ex, x, counts, g, a, b), (x, gates, ex.w13, ex.w2))
 
 
-def _call(ex, x, counts, w13, w2):
-    return ex(x, counts)
+def _call(ex, x, counts, gates, w13, w2):
+    return ex(x, counts, gates)
 
 
 def moe_reference(layer: MoELayer, x):
@@ -73,7 +82,7 @@ def test_moe_layer_equals_per_token_reference(grouped):
     layer = MoELayer(moe_cfg(), BalanceConfig(method="none"))
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    layer.experts.use_grouped_mm = grouped
+    layer.experts.fast_path = grouped
     x = torch.randn(40, 16, requires_grad=True)
     y, stats = layer(x)
     xr = x.detach().clone().requires_grad_()
