@@ -60,9 +60,9 @@ def measure(device: str, layer: tuple[int, ...], repeat: int) -> dict:
         return run
 
     def looped():
-        moe.experts.fast_path = False
+        moe.experts.use_grouped_mm = False
         fwd_bwd(moe, True)()
-        moe.experts.fast_path = True
+        moe.experts.use_grouped_mm = True
 
     runs = {"moe": fwd_bwd(moe, True), "loop": looped, "dense": fwd_bwd(dense, False)}
     times = {name: [] for name in runs}

@@ -20,12 +20,12 @@ def make_experts(n=8, d=16, h=12, seed=0):
 @pytest.mark.parametrize(
     "counts", [[5, 0, 7, 1, 0, 0, 9, 3], [0, 0, 0, 0, 0, 0, 0, 25], [0] * 8, [300, 200, 0, 1, 50, 400, 20, 3]]
 )
-def test_fast_path_equals_loop_in_output_and_gradients(counts, dtype):
-    """On the CPU the fast path is the fused per-expert pass: the loop's arithmetic in another
-    order of work, so the same bits, gate gradients included."""
+def test_grouped_mm_equals_loop_in_output_and_gradients(counts, dtype):
+    """On the CPU torch._grouped_mm does the loop's arithmetic per group: the same bits, the gate
+    gradients included."""
     fast = make_experts().to(dtype)
     looped = make_experts().to(dtype)
-    looped.fast_path = False
+    looped.use_grouped_mm = False
     counts = torch.tensor(counts)
     x, gates = torch.randn(int(counts.sum()), 16, dtype=dtype), torch.rand(int(counts.sum()), dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -38,15 +38,31 @@ def test_fast_path_equals_loop_in_output_and_gradients(counts, dtype):
     pairs = [(x1.grad, x2.grad), (g1.grad, g2.grad), (fast.w13.grad, looped.w13.grad), (fast.w2.grad, looped.w2.grad)]
     for a, b in pairs:
         assert torch.equal(a, b)
-    # Empty experts get exactly zero gradient (the fast path writes only the others).
+    # Empty experts get exactly zero gradient.
     empty = counts == 0
     assert fast.w13.grad[empty].abs().sum() == 0 and fast.w2.grad[empty].abs().sum() == 0
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_expert_gradients_pass_gradcheck_in_float64(fast_path):
-    ex = make_experts(n=3, d=4, h=3).double()
-    ex.fast_path = fast_path
+@pytest.mark.parametrize("d, h", [(13, 8), (16, 7), (12, 6)])
+def test_sizes_grouped_mm_refuses_take_the_loop(d, h):
+    """torch._grouped_mm wants 16-byte aligned rows on the CPU too (fp32 d_model 13, hidden 7, or
+    a bf16 hidden of 6 would raise); such layers fall back to the loop and still train."""
+    counts = torch.tensor([3, 0, 4])
+    for dtype in (torch.float32, torch.bfloat16):
+        fast, looped = make_experts(n=3, d=d, h=h).to(dtype), make_experts(n=3, d=d, h=h).to(dtype)
+        looped.use_grouped_mm = False
+        x = torch.randn(7, d, dtype=dtype)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = fast(x1, counts), looped(x2, counts)
+        y1.float().square().sum().backward()
+        y2.float().square().sum().backward()
+        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad) and torch.equal(fast.w13.grad, looped.w13.grad)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_expert_gradients_pass_gradcheck_in_float64(grouped):
+    ex = make_experts(n=3, d=4, h=3).double()  # float64 takes the loop even when grouped
+    ex.use_grouped_mm = grouped
     counts = torch.tensor([2, 0, 3])
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(5, dtype=torch.float64, requires_grad=True)
@@ -82,7 +98,7 @@ def test_moe_layer_equals_per_token_reference(grouped):
     layer = MoELayer(moe_cfg(), BalanceConfig(method="none"))
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    layer.experts.fast_path = grouped
+    layer.experts.use_grouped_mm = grouped
     x = torch.randn(40, 16, requires_grad=True)
     y, stats = layer(x)
     xr = x.detach().clone().requires_grad_()

@@ -1,10 +1,7 @@
 """Expert FFNs: the dense SwiGLU (shared experts, dense layers) and the stacked routed experts
-computed over tokens sorted by expert: grouped GEMMs on a GPU, one fused pass per expert on the
-CPU (DESIGN 2.1, 4)."""
+computed with grouped GEMMs over tokens sorted by expert (DESIGN 2.1, 4)."""
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +28,10 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         hasattr(torch, "_grouped_mm")
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and w.dtype == x.dtype
-        # CUDA kernels need 16-byte aligned rows.
-        and (x.device.type == "cpu" or (x.shape[-1] * x.element_size()) % 16 == 0)
+        # Rows of both operands (and so of the output and the gradients) must be 16-byte aligned,
+        # on the CPU too: a bf16 hidden size of 12 is refused there.
+        and (x.shape[-1] * x.element_size()) % 16 == 0
+        and (w.shape[-1] * w.element_size()) % 16 == 0
     )
 
 
@@ -100,72 +99,6 @@ def weighted_swiglu(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _WeightedSwiGLU.apply(h, w.to(h.dtype))
 
 
-class _ExpertFFN(torch.autograd.Function):
-    """Every local expert's gate-weighted SwiGLU over expert-sorted rows, forward and backward,
-    one expert at a time: the CPU path.
-
-    On the CPU `torch._grouped_mm` is a loop of small GEMMs too, but autograd runs each stage
-    over all rows before the next, so every intermediate goes out to memory and back, and its
-    backward makes transposed copies. Here each expert's GEMMs and activation run back to back
-    on rows that are still in cache, into preallocated outputs (the weight gradients straight
-    into their slices of the stacked gradient). Per expert the arithmetic is the loop's, so the
-    result does not depend on which experts share a process.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w13, w2, row_weights, sizes):
-        hidden = w2.shape[1]
-        spans = _expert_spans(sizes)
-        h = x.new_empty(x.shape[0], 2 * hidden)
-        act = x.new_empty(x.shape[0], hidden)  # silu(gate) * up, kept for the backward
-        y = x.new_empty(x.shape[0], w2.shape[2])
-        weighted = x.new_empty(max(sizes, default=0), hidden)
-        for e, rows in spans:
-            h_e, act_e, w_e = h[rows], act[rows], weighted[: rows.stop - rows.start]
-            torch.mm(x[rows], w13[e], out=h_e)
-            torch.ops.aten.silu.out(h_e[:, :hidden], out=act_e)
-            act_e.mul_(h_e[:, hidden:])
-            torch.mul(act_e, row_weights[rows].unsqueeze(-1), out=w_e)
-            torch.mm(w_e, w2[e], out=y[rows])
-        ctx.save_for_backward(x, w13, w2, row_weights, h, act)
-        ctx.spans = spans
-        ctx.idle = [e for e, n in enumerate(sizes) if not n]
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, w13, w2, row_weights, h, act = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        hidden = w2.shape[1]
-        grad_x, grad_h = torch.empty_like(x), torch.empty_like(h)
-        # Every expert with rows has its weight gradient written whole below; only the others need zeros.
-        grad_w13, grad_w2 = torch.empty_like(w13), torch.empty_like(w2)
-        grad_w13[ctx.idle] = 0
-        grad_w2[ctx.idle] = 0
-        grad_w = torch.empty_like(row_weights)
-        most = max((rows.stop - rows.start for _, rows in ctx.spans), default=0)
-        grad_act, weighted, silu_gate = (act.new_empty(most, hidden) for _ in range(3))
-        for e, rows in ctx.spans:
-            n = rows.stop - rows.start
-            grad_y_e, act_e, gate, up = grad_y[rows], act[rows], h[rows, :hidden], h[rows, hidden:]
-            w_e, grad_act_e, grad_h_e = row_weights[rows].unsqueeze(-1), grad_act[:n], grad_h[rows]
-            torch.mm(grad_y_e, w2[e].t(), out=grad_act_e)
-            torch.mm(torch.mul(act_e, w_e, out=weighted[:n]).t(), grad_y_e, out=grad_w2[e])
-            torch.linalg.vecdot(grad_act_e, act_e, out=grad_w[rows])
-            grad_act_e.mul_(w_e)
-            torch.mul(grad_act_e, torch.ops.aten.silu.out(gate, out=silu_gate[:n]), out=grad_h_e[:, hidden:])
-            torch.ops.aten.silu_backward.grad_input(grad_act_e.mul_(up), gate, grad_input=grad_h_e[:, :hidden])
-            torch.mm(x[rows].t(), grad_h_e, out=grad_w13[e])
-            torch.mm(grad_h_e, w13[e].t(), out=grad_x[rows])
-        return grad_x, grad_w13, grad_w2, grad_w, None
-
-
-def _expert_spans(sizes: list[int]) -> list[tuple[int, slice]]:
-    """(local expert, its rows) for each expert with rows."""
-    ends = list(itertools.accumulate(sizes))
-    return [(e, slice(end - n, end)) for e, (n, end) in enumerate(zip(sizes, ends, strict=True)) if n]
-
-
 @torch.no_grad()
 def init_per_expert(weight: torch.Tensor, expert_ids: tuple[int, ...], std: float) -> None:
     """Normal(0, std) init of stacked expert weights, each expert's slice from its own generator
@@ -190,10 +123,6 @@ class GroupedExperts(nn.Module):
 
     `row_weights` (the gates) scale each row's hidden activation before the down projection:
     the same as scaling the output (w2 is linear) at half the width.
-
-    `fast_path` (default): one grouped-GEMM kernel per projection on a GPU, `_ExpertFFN` on the
-    CPU. Off: a plain loop of autograd ops over the experts, the reference tests and benchmarks
-    compare with.
     """
 
     def __init__(self, d_model: int, hidden: int, expert_ids: tuple[int, ...]):
@@ -202,7 +131,7 @@ class GroupedExperts(nn.Module):
         self.n_experts = len(self.expert_ids)
         self.local_index = {e: i for i, e in enumerate(self.expert_ids)}  # global id -> slice
         self.hidden = hidden
-        self.fast_path = True
+        self.use_grouped_mm = True
         self.w13 = nn.Parameter(torch.empty(self.n_experts, d_model, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(self.n_experts, hidden, d_model))
         init_per_expert(self.w13, self.expert_ids, 0.02)
@@ -213,11 +142,9 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """Computes in the dtype of `x`: the MoE layer hands in rows already in the autocast dtype,
         since `torch._grouped_mm` is not autocast-aware (fp32 weights would keep it in fp32)."""
-        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
-        if row_weights is None:
-            row_weights = x.new_ones(x.shape[0])
-        if self.fast_path and x.device.type == "cpu":
-            return _ExpertFFN.apply(x, w13, w2, row_weights.to(x.dtype), tokens_per_expert.tolist())
         offsets = torch.cumsum(tokens_per_expert, dim=0)
-        h = grouped_matmul(x, w13, offsets, self.fast_path)
-        return grouped_matmul(weighted_swiglu(h, row_weights), w2, offsets, self.fast_path)
+        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
+        h = grouped_matmul(x, w13, offsets, self.use_grouped_mm)
+        if row_weights is None:
+            row_weights = h.new_ones(h.shape[0])
+        return grouped_matmul(weighted_swiglu(h, row_weights), w2, offsets, self.use_grouped_mm)
