@@ -31,6 +31,38 @@ CPU_LAYER = (256, 128, 64, 6, 1, 4096)
 GPU_LAYER = (2048, 1408, 64, 6, 2, 16384)  # DeepSeek-V2-Lite's MoE layer
 
 
+def _linear_gemms(weight: torch.Tensor, rows: int):
+    """The three products of a bias-free Linear's forward and backward over `rows` inputs."""
+    out_f, in_f = weight.shape
+    x, grad = torch.randn(rows, in_f), torch.randn(rows, out_f)
+    return lambda: (x @ weight.t(), grad @ weight, grad.t() @ x)
+
+
+def swiglu_gemms(w13: torch.Tensor, w2: torch.Tensor, rows: int):
+    first, second = _linear_gemms(w13.detach(), rows), _linear_gemms(w2.detach(), rows)
+    return lambda: (first(), second())
+
+
+def moe_gemms(moe: MoELayer, tokens: int, counts: torch.Tensor):
+    """Router, shared experts and the routed experts' grouped GEMMs (forward, input and weight
+    gradients, as torch._grouped_mm's backward computes them) for this routing's counts."""
+    router = _linear_gemms(moe.router.weight.detach(), tokens)
+    shared = swiglu_gemms(moe.shared.w13.weight, moe.shared.w2.weight, tokens)
+    w13, w2 = moe.experts.w13.detach(), moe.experts.w2.detach()
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = int(counts.sum())
+    x, h = torch.randn(rows, w13.shape[1]), torch.randn(rows, w13.shape[2])
+    a, y = torch.randn(rows, w2.shape[1]), torch.randn(rows, w2.shape[2])
+
+    def routed():
+        gmm = torch._grouped_mm
+        gmm(x, w13, offs=offs), gmm(a, w2, offs=offs)
+        gmm(y, w2.transpose(1, 2), offs=offs), gmm(a.t(), y, offs=offs)
+        gmm(h, w13.transpose(1, 2), offs=offs), gmm(x.t(), h, offs=offs)
+
+    return lambda: (router(), shared(), routed())
+
+
 def measure(device: str, layer: tuple[int, ...], repeat: int) -> dict:
     """Median forward + backward seconds of the MoE layer, its per-expert loop and the dense
     SwiGLU of equal active parameters, timed interleaved (noise hits all three alike)."""
@@ -65,6 +97,13 @@ def measure(device: str, layer: tuple[int, ...], repeat: int) -> dict:
         moe.experts.use_grouped_mm = True
 
     runs = {"moe": fwd_bwd(moe, True), "loop": looped, "dense": fwd_bwd(dense, False)}
+    if device == "cpu":
+        # What bounds the ratio: each layer's matrix products alone, as its forward and backward
+        # issue them (same shapes, same kernels), with nothing else in between.
+        with torch.no_grad():
+            counts = moe.router(x).counts
+        runs["moe_gemms"] = moe_gemms(moe, tokens, counts)
+        runs["dense_gemms"] = swiglu_gemms(dense.w13.weight, dense.w2.weight, tokens)
     times = {name: [] for name in runs}
     for fn in runs.values():
         fn()  # warm-up
@@ -95,6 +134,17 @@ def main() -> None:
     emit(BENCH, "loop_fwd_bwd_ms", round(cpu["loop"] * 1e3, 2))
     emit(BENCH, "moe_over_dense", round(cpu["moe"] / cpu["dense"], 3), target="<= 1.0", repeats=repeat)
     emit(BENCH, "moe_over_loop", round(cpu["moe"] / cpu["loop"], 3))
+    # The bound: the MoE layer's GEMMs alone against the whole dense layer (all that a perfect
+    # fusion of everything else could reach), and what the rest of each layer costs.
+    emit(
+        BENCH,
+        "moe_gemms_over_dense",
+        round(cpu["moe_gemms"] / cpu["dense"], 3),
+        moe_gemms_ms=round(cpu["moe_gemms"] * 1e3, 2),
+        dense_gemms_ms=round(cpu["dense_gemms"] * 1e3, 2),
+        moe_rest_ms=round((cpu["moe"] - cpu["moe_gemms"]) * 1e3, 2),
+        dense_rest_ms=round((cpu["dense"] - cpu["dense_gemms"]) * 1e3, 2),
+    )
     emit(BENCH, "moe_gflops", round(cpu["flops"] / cpu["moe"] / 1e9, 1), matmul_gflops=round(ref / 1e9, 1))
     emit(BENCH, "flops_fraction_of_matmul", round(cpu["flops"] / cpu["moe"] / ref, 3), target=">= 0.5")
     if torch.cuda.is_available():
