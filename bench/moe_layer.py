@@ -33,20 +33,21 @@ GPU_LAYER = (2048, 1408, 64, 6, 2, 16384)  # DeepSeek-V2-Lite's MoE layer
 
 def _linear_gemms(weight: torch.Tensor, rows: int):
     """The three products of a bias-free Linear's forward and backward over `rows` inputs."""
+    weight = weight.detach()
     out_f, in_f = weight.shape
     x, grad = torch.randn(rows, in_f), torch.randn(rows, out_f)
     return lambda: (x @ weight.t(), grad @ weight, grad.t() @ x)
 
 
 def swiglu_gemms(w13: torch.Tensor, w2: torch.Tensor, rows: int):
-    first, second = _linear_gemms(w13.detach(), rows), _linear_gemms(w2.detach(), rows)
+    first, second = _linear_gemms(w13, rows), _linear_gemms(w2, rows)
     return lambda: (first(), second())
 
 
 def moe_gemms(moe: MoELayer, tokens: int, counts: torch.Tensor):
     """Router, shared experts and the routed experts' grouped GEMMs (forward, input and weight
     gradients, as torch._grouped_mm's backward computes them) for this routing's counts."""
-    router = _linear_gemms(moe.router.weight.detach(), tokens)
+    router = _linear_gemms(moe.router.weight, tokens)
     shared = swiglu_gemms(moe.shared.w13.weight, moe.shared.w2.weight, tokens)
     w13, w2 = moe.experts.w13.detach(), moe.experts.w2.detach()
     offs = counts.cumsum(0).to(torch.int32)

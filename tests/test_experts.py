@@ -16,18 +16,14 @@ def make_experts(n=8, d=16, h=12, seed=0):
     return ex
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "counts", [[5, 0, 7, 1, 0, 0, 9, 3], [0, 0, 0, 0, 0, 0, 0, 25], [0] * 8, [300, 200, 0, 1, 50, 400, 20, 3]]
-)
-def test_grouped_mm_equals_loop_in_output_and_gradients(counts, dtype):
-    """On the CPU torch._grouped_mm does the loop's arithmetic per group: the same bits, the gate
-    gradients included."""
-    grouped = make_experts().to(dtype)
-    looped = make_experts().to(dtype)
+def assert_grouped_equals_loop(counts, dtype, d=16, h=12):
+    """The grouped path and the loop on the same rows and gates: the same bits in the output and
+    in every gradient (rows, gates, both weights); returns the grouped experts."""
+    grouped = make_experts(n=len(counts), d=d, h=h).to(dtype)
+    looped = make_experts(n=len(counts), d=d, h=h).to(dtype)
     looped.use_grouped_mm = False
     counts = torch.tensor(counts)
-    x, gates = torch.randn(int(counts.sum()), 16, dtype=dtype), torch.rand(int(counts.sum()), dtype=dtype)
+    x, gates = torch.randn(int(counts.sum()), d, dtype=dtype), torch.rand(int(counts.sum()), dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g1, g2 = gates.clone().requires_grad_(), gates.clone().requires_grad_()
     y1, y2 = grouped(x1, counts, g1), looped(x2, counts, g2)
@@ -38,25 +34,28 @@ def test_grouped_mm_equals_loop_in_output_and_gradients(counts, dtype):
     for a, b in [(x1.grad, x2.grad), (g1.grad, g2.grad)]:
         assert torch.equal(a, b)
     assert torch.equal(grouped.w13.grad, looped.w13.grad) and torch.equal(grouped.w2.grad, looped.w2.grad)
+    return grouped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts", [[5, 0, 7, 1, 0, 0, 9, 3], [0, 0, 0, 0, 0, 0, 0, 25], [0] * 8, [300, 200, 0, 1, 50, 400, 20, 3]]
+)
+def test_grouped_mm_equals_loop_in_output_and_gradients(counts, dtype):
+    """On the CPU torch._grouped_mm does the loop's arithmetic per group: the same bits, the gate
+    gradients included."""
+    grouped = assert_grouped_equals_loop(counts, dtype)
     # Empty experts get exactly zero gradient.
-    empty = counts == 0
+    empty = torch.tensor(counts) == 0
     assert grouped.w13.grad[empty].abs().sum() == 0 and grouped.w2.grad[empty].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d, h", [(13, 8), (16, 7), (12, 6)])
-def test_sizes_grouped_mm_refuses_take_the_loop(d, h):
+def test_sizes_grouped_mm_refuses_take_the_loop(d, h, dtype):
     """torch._grouped_mm wants 16-byte aligned rows on the CPU too (it raises on sizes like these);
     such layers fall back to the loop and still train."""
-    counts = torch.tensor([3, 0, 4])
-    for dtype in (torch.float32, torch.bfloat16):
-        grouped, looped = make_experts(n=3, d=d, h=h).to(dtype), make_experts(n=3, d=d, h=h).to(dtype)
-        looped.use_grouped_mm = False
-        x = torch.randn(7, d, dtype=dtype)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y1, y2 = grouped(x1, counts), looped(x2, counts)
-        y1.float().square().sum().backward()
-        y2.float().square().sum().backward()
-        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad) and torch.equal(grouped.w13.grad, looped.w13.grad)
+    assert_grouped_equals_loop([3, 0, 4], dtype, d=d, h=h)
 
 
 def test_loop_fallback_handles_float64_with_gradcheck():
