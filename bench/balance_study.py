@@ -387,19 +387,20 @@ def rank_imbalance(tiny: list[str] | None) -> dict:
     """A run on Ray whose experts are skewed (no balancing), 4 workers: per-rank rows received
     (max/mean over ranks, mean over layers, as the workers measure it every step) in contiguous
     blocks, then after `moe-ray rebalance` packs experts by the coordinator's recent load.
-    `tiny`: the --tiny model settings (the tests), for a few steps."""
+    `tiny`: the --tiny model settings (the tests), for a few steps on 2 workers (each worker
+    group's start-up is most of a tiny run's time)."""
     from common import short_quickstart
 
     from moe_ray.runtime.driver import request_rebalance, run_job
 
-    steps, at = (8, 4) if tiny else (90, 60)
+    steps, at, workers = (8, 4, 2) if tiny else (90, 60, 4)
     model = [s for s in tiny or [] if s.startswith(("model.", "train.batch_size", "train.seq_len", "data."))]
     with tempfile.TemporaryDirectory() as storage:
         job = short_quickstart(storage, steps, extra=model)
         job = job.model_copy(
             update={
                 "balance": job.balance.model_copy(update={"method": "none", "seq_aux_alpha": 0.0}),
-                "resources": job.resources.model_copy(update={"workers": 4, "cpus_per_worker": 0.5}),
+                "resources": job.resources.model_copy(update={"workers": workers, "cpus_per_worker": 0.5}),
             }
         )
         asked = []
@@ -417,7 +418,7 @@ def rank_imbalance(tiny: list[str] | None) -> dict:
     # The same steps after the rebalance, counted from the coordinator's global counts: with
     # contiguous blocks (what they would have cost: the loads drift while the router learns, so
     # this separates the placement's effect from the drift) and with the placement used (a check
-    # of the workers' own measurement; EP 4 x DP 1, so a rank receives its experts' global counts).
+    # of the workers' own measurement; EP = workers, DP 1: a rank receives its experts' global counts).
     from moe_ray.parallel.placement import ExpertPlacement
     from moe_ray.runtime.coordinator import rank_imbalance as imbalance_of
 
@@ -425,8 +426,8 @@ def rank_imbalance(tiny: list[str] | None) -> dict:
     later = [
         torch.tensor(h["counts"], dtype=torch.float64) for h in result.load_history if h["step"] >= restart["step"]
     ]
-    contiguous = ExpertPlacement(n, 4, (0, 0, 0, 0))
-    used = ExpertPlacement(n, 4, (0, 0, 0, 0), placement["orders"])
+    contiguous = ExpertPlacement(n, workers, (0,) * workers)
+    used = ExpertPlacement(n, workers, (0,) * workers, placement["orders"])
     return {
         "before": float(np.mean(before)),
         "after": float(np.mean(after)),
@@ -435,6 +436,7 @@ def rank_imbalance(tiny: list[str] | None) -> dict:
         "steps_before": len(before),
         "steps_after": len(after),
         "detail": placement["detail"],
+        "workers": workers,
     }
 
 
@@ -617,7 +619,7 @@ def main() -> None:
             "rank_imbalance_before",
             round(imbalance["before"], 3),
             steps=imbalance["steps_before"],
-            note="max/mean rows per rank, 4 workers, no balancing, contiguous blocks",
+            note=f"max/mean rows per rank, {imbalance['workers']} workers, no balancing, contiguous blocks",
         )
     )
     rows.append(
