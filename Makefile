@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU torch that lies on local disk; a machine with an NVIDIA GPU keeps (or gets) its CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: run test test-fast bench bench-full study study-best lint setup clean
+.PHONY: run test test-fast test-gpu bench bench-full study study-best lint setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow" --timeout=600
+
+# On a machine with an NVIDIA GPU: the CUDA tests, then the GPU benchmarks (JSON lines).
+test-gpu: $(STAMP)
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU here (torch.cuda.is_available() is False); run it on a machine with one')"
+	$(BIN)/python -m pytest tests -m gpu -v --timeout=900
+	$(BIN)/python bench/moe_layer.py --quick
+	$(BIN)/python bench/gpu.py --quick
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
