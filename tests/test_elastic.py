@@ -264,6 +264,46 @@ def test_the_retry_after_a_coordinator_restart_has_the_same_time_limit(local_ray
         dist.destroy_process_group()
 
 
+def test_what_the_driver_had_not_read_survives_a_coordinator_restart(local_ray):
+    """Rank 0's records of the steps just before a coordinator crash reach the driver anyway: the
+    restarted coordinator gets them again, and the driver keeps each step and event once."""
+    import torch.distributed as dist
+
+    from moe_ray.runtime.bias_client import CoordinatorBias, CoordinatorRecords
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+    from moe_ray.runtime.driver import Progress, _Cursor, _poll
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    coord = Coordinator.options(name=coordinator_name("lost-records"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10
+    )
+    model = ZeroBiasModel()
+    try:
+        generation = ray.get(coord.begin.remote(0, 1, np.zeros((2, 8), dtype=np.float32)))
+        records = CoordinatorRecords(coord)
+        records.send({"event": "placement", "step": 0, "time": 1.0}, wait=True)
+        rank0 = CoordinatorBias(coord, generation, 0, 1, model, torch.device("cpu"), records)
+        progress, cursor = Progress(run_name="lost-records", total_steps=10), _Cursor()
+        for step in range(6):
+            rank0.submit(step, torch.ones(2, 8, dtype=torch.int64))
+            rank0.next_bias(step)  # after step 4's exchange: a new coordinator, which asks for a seed
+            records.send({"step": step, "loss": 10.0 - step})
+            if step == 3:
+                _poll(coord, progress, cursor)  # the driver reads up to step 3 ...
+            if step == 4:  # ... step 4 is recorded, and the coordinator dies before the next poll
+                records.send({"event": "checkpoint", "step": 5, "time": 2.0}, wait=True)
+                ray.kill(coord, no_restart=False)
+        assert [m["step"] for m in progress.metrics] == [0, 1, 2, 3]
+        _poll(coord, progress, cursor)
+        assert [(m["step"], m["loss"]) for m in progress.metrics] == [(s, 10.0 - s) for s in range(6)]
+        kinds = [(e["event"], e["step"]) for e in progress.events]
+        assert kinds.count(("placement", 0)) == 1 and kinds.count(("checkpoint", 5)) == 1
+        assert ("coordinator_restart", 5) in kinds
+    finally:
+        ray.kill(coord)
+        dist.destroy_process_group()
+
+
 def test_scale_accepts_data_parallel_replicas_beyond_the_experts_with_ep_size(local_ray, tmp_path):
     from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
     from moe_ray.runtime.driver import RunError, scale_limits

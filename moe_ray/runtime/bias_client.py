@@ -5,9 +5,14 @@ over the process group by one all-reduce right after the forward pass, rank 0 se
 the coordinator without waiting, and after the optimizer step rank 0 takes the reply (the next
 bias and any `moe-ray scale` request) and broadcasts it to every rank. All ranks route with the
 same bytes by construction, however many workers there are.
+
+Rank 0 also sends its step metrics and events to the coordinator, for the driver to read
+(`CoordinatorRecords`); after a coordinator restart it sends the newest of them again.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import ray
 import torch
@@ -19,6 +24,8 @@ from moe_ray.runtime.coordinator import BiasMismatch, NeedsSeed, StaleGeneration
 # The coordinator answers at once (it waits for no other worker), so a reply this late means it is
 # unreachable: fail, and let Ray Train restart the group from its last checkpoint.
 COORDINATOR_REPLY_TIMEOUT_S = 600.0
+# Sent again to a restarted coordinator: far more steps than pass between two driver polls.
+RESENT_RECORDS = 1000
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -28,11 +35,43 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return moved.cpu()
 
 
-class CoordinatorBias:
-    """BiasSource over the coordinator actor: one all-reduce, one actor call (rank 0), one broadcast."""
+class CoordinatorRecords:
+    """Rank 0's step metrics and events, on their way to the driver through the coordinator.
 
-    def __init__(self, coordinator, generation: int, rank: int, world_size: int, model, device: torch.device):
+    A coordinator that restarts has lost the entries the driver had not read yet, so the newest
+    `RESENT_RECORDS` are kept here and sent again when it is re-seeded; the driver keeps each step
+    and each event once, so an entry it had read already changes nothing."""
+
+    def __init__(self, coordinator, keep: int = RESENT_RECORDS):
+        self.coordinator = coordinator
+        self.recent: deque[dict] = deque(maxlen=keep)
+
+    def send(self, entry: dict, wait: bool = False) -> None:
+        self.recent.append(entry)
+        sent = self.coordinator.record.remote(entry)
+        if wait:
+            ray.get(sent)
+
+    def resend(self) -> None:
+        ray.get(self.coordinator.record.remote(*self.recent), timeout=COORDINATOR_REPLY_TIMEOUT_S)
+
+
+class CoordinatorBias:
+    """BiasSource over the coordinator actor: one all-reduce, one actor call (rank 0), one broadcast.
+    `records` (rank 0's) are sent again when the coordinator turns out to have restarted."""
+
+    def __init__(
+        self,
+        coordinator,
+        generation: int,
+        rank: int,
+        world_size: int,
+        model,
+        device: torch.device,
+        records: CoordinatorRecords | None = None,
+    ):
         self.coordinator, self.generation, self.rank, self.model = coordinator, generation, rank, model
+        self.records = records
         self.world_size, self.device = world_size, device
         self.shape = tuple(model.get_expert_bias().shape)  # (MoE layers, experts)
         self.pending = None
@@ -81,13 +120,16 @@ class CoordinatorBias:
                 raise RuntimeError(str(err.cause)) from None
             if not isinstance(err.cause, NeedsSeed):
                 raise
-        # The coordinator restarted: seed it with the bias this step routed with, then send the
-        # counts again, under the same time limit as any reply.
+        # The coordinator restarted: seed it with the bias this step routed with, give it back the
+        # records the driver may not have read, then send the counts again, under the same time
+        # limit as any reply.
         bias_now = self.model.get_expert_bias().cpu().numpy()
         ray.get(
             self.coordinator.reseed.remote(self.generation, step, self.world_size, bias_now),
             timeout=COORDINATOR_REPLY_TIMEOUT_S,
         )
+        if self.records is not None:
+            self.records.resend()
         self.pending = self.coordinator.exchange.remote(self.generation, step, self.counts, bias_digest(bias_now))
         return self._reply(step)
 

@@ -332,9 +332,11 @@ class Coordinator:
     async def current_bias(self) -> tuple[int, np.ndarray]:
         return self.state.bias_version, self.state.bias.numpy().copy()
 
-    async def record(self, entry: dict) -> None:
-        """Rank 0's metrics of a step, or an event (eval, checkpoint) when it has an 'event' key."""
-        (self.state.events if "event" in entry else self.state.metrics).append(entry)
+    async def record(self, *entries: dict) -> None:
+        """Rank 0's metrics of a step, or an event (eval, checkpoint) when it has an 'event' key;
+        several at once when rank 0 sends its newest again after a restart of this actor."""
+        for entry in entries:
+            (self.state.events if "event" in entry else self.state.metrics).append(entry)
 
     async def progress(self, metrics_from: int, events_from: int, history_from: int = 0) -> dict:
         """What the driver has not read yet: positions count every entry ever recorded."""

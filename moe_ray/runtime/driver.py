@@ -266,6 +266,8 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
     cursor.metrics, cursor.events, cursor.history = positions["metrics"], positions["events"], positions["history"]
     before = progress.last
     for ev in update["events"]:
+        if ev in progress.events:  # sent again by rank 0 to a restarted coordinator
+            continue
         progress.events.append(ev)
         if ev.get("event") == "placement" and any(e.get("event") == "placement" for e in progress.events[:-1]):
             progress.events.append(_restart_event(progress, ev, before))

@@ -26,7 +26,7 @@ from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, all_reduce_sum
+from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
@@ -166,6 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     data = open_dataset(config["data"])  # read by position: only this worker's windows
     coordinator = get_coordinator(run_name)
+    records = CoordinatorRecords(coordinator)  # rank 0 sends its metrics and events through it
 
     node_ids = all_gather(ray.get_runtime_context().get_node_id())
     pids = all_gather(os.getpid())
@@ -189,28 +190,27 @@ def train_loop_per_worker(config: dict) -> None:
         # a group restarted from scratch must not inherit a bias from its failed predecessor.
         bias = model.get_expert_bias().cpu().numpy()
         generation = ray.get(coordinator.begin.remote(start_step, world, bias))
-        ray.get(
-            coordinator.record.remote(
-                {
-                    "event": "placement",
-                    "step": start_step,
-                    "detail": placement.describe()
-                    + (f"; dense parts sharded over {world} (FSDP)" if fsdp else "; dense parts replicated")
-                    + (
-                        f"; per-rank load max/mean {expected['contiguous']:.2f} in contiguous blocks, "
-                        f"{expected['planned']:.2f} placed by load (last {LOAD_HORIZON_STEPS} steps)"
-                        if expected and not placement.contiguous
-                        else ""
-                    ),
-                    "orders": [list(placement.expert_order(i)) for i in range(len(placement.orders))]
-                    if placement.orders
-                    else None,
-                    "resumed": start_step > 0,
-                    "world_size": world,
-                    "pids": pids,
-                    "time": time.time(),
-                }
-            )
+        records.send(
+            {
+                "event": "placement",
+                "step": start_step,
+                "detail": placement.describe()
+                + (f"; dense parts sharded over {world} (FSDP)" if fsdp else "; dense parts replicated")
+                + (
+                    f"; per-rank load max/mean {expected['contiguous']:.2f} in contiguous blocks, "
+                    f"{expected['planned']:.2f} placed by load (last {LOAD_HORIZON_STEPS} steps)"
+                    if expected and not placement.contiguous
+                    else ""
+                ),
+                "orders": [list(placement.expert_order(i)) for i in range(len(placement.orders))]
+                if placement.orders
+                else None,
+                "resumed": start_step > 0,
+                "world_size": world,
+                "pids": pids,
+                "time": time.time(),
+            },
+            wait=True,
         )
     generation = broadcast(generation)
     # The coordinator's bias is the truth from here on (it equals the checkpoint's on a restore).
@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("bias_mode") == "allreduce":
         bias_source = AllReduceBias(model, job.balance, cfg.steps, device)
     else:
-        bias_source = CoordinatorBias(coordinator, generation, rank, world, model, device)
+        bias_source = CoordinatorBias(coordinator, generation, rank, world, model, device, records)
     every = job.checkpoint.every
     multi_node = len(set(placement.node_of_rank)) > 1
     summary: dict = {}
@@ -251,17 +251,17 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.audit_data:  # per-sample hashes in global sample order, whatever the world size
             metrics["batch_digest"] = [h for part in all_gather(batch_digest(batch)) for h in part]
         if rank == 0:
-            coordinator.record.remote(metrics)
+            records.send(metrics)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             val_loss, val_counts = distributed_eval(ctx, model, val)
             if rank == 0:
-                coordinator.record.remote(_eval_event(done, val_loss, val_counts))
+                records.send(_eval_event(done, val_loss, val_counts))
         if done == cfg.steps:
             val_loss, val_counts = distributed_eval(ctx, model, val)
             summary = _eval_event(done, val_loss, val_counts) | {"train_loss": metrics["loss"]}
             if rank == 0:
-                coordinator.record.remote(summary)
+                records.send(summary)
             save_checkpoint(ctx, model, optimizer, done, metrics | {"val_loss": val_loss}, summary)
             break
         # `moe-ray scale` or `rebalance` (the same count, a new placement): the coordinator fixed
@@ -273,11 +273,11 @@ def train_loop_per_worker(config: dict) -> None:
             save_checkpoint(ctx, model, optimizer, done, metrics, summary)
             checkpoint_s = time.perf_counter() - saving
             if rank == 0:
-                coordinator.record.remote({"event": "checkpoint", "step": done})
+                records.send({"event": "checkpoint", "step": done, "time": time.time()})
         if scale_to:
             if rank == 0:
                 event = {"event": "scaling", "step": done, "from": world, "to": scale_to, "time": time.time()}
-                ray.get(coordinator.record.remote(event))
+                records.send(event, wait=True)
             break
 
 
@@ -365,4 +365,5 @@ def _eval_event(step: int, loss: float, counts: torch.Tensor) -> dict:
         "val_loss": loss,
         "max_vio_global": vio.tolist(),
         "max_vio_global_mean": float(vio.mean()) if vio.numel() else 0.0,
+        "time": time.time(),  # an evaluation run again after a restart is a new event
     }
