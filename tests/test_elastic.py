@@ -4,6 +4,7 @@ uninterrupted run."""
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -292,7 +293,10 @@ def test_what_the_driver_had_not_read_survives_a_coordinator_restart(local_ray):
                 _poll(coord, progress, cursor)  # the driver reads up to step 3 ...
             if step == 4:  # ... step 4 is recorded, and the coordinator dies before the next poll
                 records.send({"event": "checkpoint", "step": 5, "time": 2.0}, wait=True)
+                old_pid = ray.get(coord.pid.remote())
                 ray.kill(coord, no_restart=False)
+                while ray.get(coord.pid.remote()) == old_pid:  # ray.kill returns before the actor is gone
+                    time.sleep(0.1)
         assert [m["step"] for m in progress.metrics] == [0, 1, 2, 3]
         _poll(coord, progress, cursor)
         assert [(m["step"], m["loss"]) for m in progress.metrics] == [(s, 10.0 - s) for s in range(6)]
