@@ -27,11 +27,10 @@ BENCH = "overlap"
 
 
 def _worker(rank, world, port, blocks, steps, out):
-    from moe_ray.data import builtin_corpus, sample_windows
+    from moe_ray.data import batch_share, builtin_corpus, sample_windows
     from moe_ray.parallel.mesh import build_mesh
     from moe_ray.parallel.parallelize import parallelize
     from moe_ray.parallel.placement import ExpertPlacement
-    from moe_ray.runtime.worker import batch_share
     from moe_ray.system import tune_cpu_allocator
     from moe_ray.train.optim import build_optimizer
     from moe_ray.train.step import LocalBias, train_step

@@ -120,6 +120,14 @@ def sample_offsets(n_tokens: int, window: int, seed: int, step: int, sample_ids:
     return (_mix64(key) % np.uint64(span)).astype(np.int64)
 
 
+def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(first global sample index, count) of `rank`'s share of a global batch."""
+    base, extra = divmod(batch_size, world_size)
+    count = base + (1 if rank < extra else 0)
+    first = rank * base + min(rank, extra)
+    return first, count
+
+
 def sample_windows(tokens: np.ndarray, window: int, seed: int, step: int, first: int, count: int) -> torch.Tensor:
     """Windows of `window` tokens for global sample ids first .. first + count - 1 of `step`."""
     ids = np.arange(first, first + count, dtype=np.uint64)

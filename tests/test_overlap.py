@@ -10,11 +10,11 @@ from conftest import free_port
 from test_parallel import batch, model_cfg
 
 from moe_ray.config import BalanceConfig
+from moe_ray.data import batch_share
 from moe_ray.parallel import dispatch
 from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.worker import batch_share
 from moe_ray.storage.checkpoint import full_cpu
 from moe_ray.train.trainer import build_model
 

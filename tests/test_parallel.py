@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig
+from moe_ray.data import batch_share
 from moe_ray.parallel.mesh import build_mesh
 from moe_ray.parallel.parallelize import parallelize
 from moe_ray.parallel.placement import ExpertPlacement
-from moe_ray.runtime.worker import batch_share
 from moe_ray.storage.checkpoint import full_cpu
 from moe_ray.train.step import clip_gradients
 from moe_ray.train.trainer import build_model

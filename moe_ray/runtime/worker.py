@@ -19,7 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from moe_ray.data import batch_digest, eval_windows, sample_windows
+from moe_ray.data import batch_digest, batch_share, eval_windows, sample_windows
 from moe_ray.hf.init_from import load_init_from
 from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
@@ -42,14 +42,6 @@ log = logging.getLogger("moe_ray.worker")
 # The step's time breakdown, in seconds: the phases of train_step, the part of forward and
 # backward blocked in all-to-alls, and saving the checkpoint before this step.
 TIME_METRICS = tuple(f"time/{p}" for p in (*STEP_PHASES, "dispatch_wait", "checkpoint"))
-
-
-def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
-    """(first global sample index, count) of `rank`'s share of a global batch."""
-    base, extra = divmod(batch_size, world_size)
-    count = base + (1 if rank < extra else 0)
-    first = rank * base + min(rank, extra)
-    return first, count
 
 
 def all_gather(obj) -> list:
