@@ -60,12 +60,7 @@ def test_checkpoints_round_trip_through_s3(s3_run):
     assert "runs/s3run/step-00000004/index.json" in keys
     assert any(k.startswith("runs/s3run/step-00000004/experts-00000-00003") for k in keys)
     assert any(k.startswith("runs/s3run/step-00000004/experts-00004-00007") for k in keys)
-    # Resume reads it back from S3 and continues to the new last step.
-    longer = job.model_copy(update={"train": job.train.model_copy(update={"steps": 5})})
-    resumed = run_job(longer, resume="s3run")
-    start = [e for e in resumed.progress.events if e.get("event") == "placement"][0]
-    assert start["resumed"] and start["step"] == 4
-    assert [m["step"] for m in resumed.progress.metrics] == [4]
+    # The resume that reads it back from S3: the next test (one Ray Train run for both).
 
 
 def test_tampered_s3_checkpoint_is_not_loaded(s3_run):
@@ -101,10 +96,10 @@ def test_prune_keeps_newest_complete(s3_run):
 
 def test_resume_with_one_worker_reads_the_same_samples_from_the_runs_s3_data(s3_run):
     """The run's data (the built-in corpus, prepared into its S3 folder) is read by ranged GETs; a
-    resume of its step-2 checkpoint with 1 worker instead of 2 finds that data again (not
-    prepared anew) and reads exactly the samples of the uninterrupted run."""
+    resume of its step-4 checkpoint from S3 with 1 worker instead of 2 continues to the new last
+    step, finds that data again (not prepared anew) and reads exactly the samples it should."""
     job, uninterrupted = s3_run
-    copy_run("s3one", lambda key: "/step-00000002/" in key or "/data/" in key)
+    copy_run("s3one", lambda key: "/step-00000004/" in key or "/data/" in key)
     client = boto3.client("s3")
     [manifest_key] = [
         o["Key"]
@@ -112,15 +107,25 @@ def test_resume_with_one_worker_reads_the_same_samples_from_the_runs_s3_data(s3_
         if o["Key"].endswith("/manifest.json")
     ]
     written = client.head_object(Bucket=BUCKET, Key=manifest_key)["LastModified"]
-    one = job.model_copy(update={"resources": job.resources.model_copy(update={"workers": 1})})
+    one = job.model_copy(
+        update={
+            "resources": job.resources.model_copy(update={"workers": 1}),
+            "train": job.train.model_copy(update={"steps": 5}),
+        }
+    )
     resumed = run_job(one, resume="s3one")
-    assert [m["step"] for m in resumed.progress.metrics] == [2, 3]
+    start = [e for e in resumed.progress.events if e.get("event") == "placement"][0]
+    assert start["resumed"] and start["step"] == 4 and start["world_size"] == 1
+    assert [m["step"] for m in resumed.progress.metrics] == [4]
     assert client.head_object(Bucket=BUCKET, Key=manifest_key)["LastModified"] == written
-    digests = {m["step"]: m["batch_digest"] for m in uninterrupted.progress.metrics}
-    assert [m["batch_digest"] for m in resumed.progress.metrics] == [digests[2], digests[3]]
     data = builtin_corpus(job.data.max_bytes)  # the in-memory stream the data was prepared from
     window = job.train.seq_len + 1 + job.model.mtp.depth
-    assert digests[3] == batch_digest(sample_windows(data.train, window, job.train.seed, 3, 0, job.train.batch_size))
+
+    def expected(step):
+        return batch_digest(sample_windows(data.train, window, job.train.seed, step, 0, job.train.batch_size))
+
+    assert [m["batch_digest"] for m in uninterrupted.progress.metrics] == [expected(s) for s in range(4)]
+    assert resumed.progress.metrics[0]["batch_digest"] == expected(4)
 
 
 def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_path):
