@@ -1,12 +1,10 @@
 """Shared-expert overlap (DESIGN 14) over real gloo groups: the shared experts run while the
 dispatch all-to-all is in flight, forward and backward, and the numbers are the same as without."""
 
-import os
-
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo_cases import require, run_cases
 from test_parallel import batch, model_cfg
 
 from moe_ray.config import BalanceConfig
@@ -33,86 +31,90 @@ class Mark(torch.autograd.Function):
         return grad, None, None
 
 
-def _order_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        log = []
-        real = dist.all_to_all_single
+def _order_worker(rank, world, out_dir):
+    log = []
+    real = dist.all_to_all_single
 
-        def logged(*args, **kwargs):  # the real collective, noted when it starts asynchronously
-            if kwargs.get("async_op"):
-                log.append("all-to-all started")
-            return real(*args, **kwargs)
+    def logged(*args, **kwargs):  # the real collective, noted when it starts asynchronously
+        if kwargs.get("async_op"):
+            log.append("all-to-all started")
+        return real(*args, **kwargs)
 
-        dist.all_to_all_single = logged
-        x = torch.randn(6, 4, requires_grad=True)
-        w = torch.randn(4, 4, requires_grad=True)
-        send = recv = [3, 3]
-        y, shared = dispatch.all_to_all_overlapped(
-            Mark.apply(x, log, "rows' gradient out"),
-            send,
-            recv,
-            None,
-            dispatch.WaitClock(),
-            lambda: Mark.apply(x @ w, log, "shared backward"),
-        )
-        loss = (Mark.apply(y, log, "backward in") * 2).sum() + shared.sum()
-        forward = list(log)
-        log.clear()
-        loss.backward()
-        dist.all_to_all_single = real
-        # The same all-to-all without overlap gives the same gradient.
-        x2 = x.detach().clone().requires_grad_(True)
-        y2 = dispatch.all_to_all(x2, send, recv, None, dispatch.WaitClock())
-        ((y2 * 2).sum() + (x2 @ w.detach()).sum()).backward()
-        torch.save({"forward": forward, "backward": log, "same": torch.equal(x.grad, x2.grad)}, f"{out_dir}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    dist.all_to_all_single = logged
+    x = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    send = recv = [3, 3]
+    y, shared = dispatch.all_to_all_overlapped(
+        Mark.apply(x, log, "rows' gradient out"),
+        send,
+        recv,
+        None,
+        dispatch.WaitClock(),
+        lambda: Mark.apply(x @ w, log, "shared backward"),
+    )
+    loss = (Mark.apply(y, log, "backward in") * 2).sum() + shared.sum()
+    forward = list(log)
+    log.clear()
+    loss.backward()
+    dist.all_to_all_single = real
+    # The same all-to-all without overlap gives the same gradient.
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = dispatch.all_to_all(x2, send, recv, None, dispatch.WaitClock())
+    ((y2 * 2).sum() + (x2 @ w.detach()).sum()).backward()
+    torch.save({"forward": forward, "backward": log, "same": torch.equal(x.grad, x2.grad)}, f"{out_dir}/{rank}.pt")
 
 
-def test_shared_backward_runs_while_the_reverse_all_to_all_is_in_flight(tmp_path):
-    mp.start_processes(_order_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.fixture(scope="module")
+def gloo(tmp_path_factory):
+    """The module's cases, run once in one pair of spawned processes: (folder, errors)."""
+    folder = tmp_path_factory.mktemp("gloo")
+    for name in ("order", "step-replicated", "step-fsdp"):
+        (folder / name).mkdir()
+    cases = [("order", 2, _order_worker, (str(folder / "order"),))]
+    cases += [
+        (f"step-{kind}", 2, _step_worker, (kind == "fsdp", str(folder / f"step-{kind}")))
+        for kind in ("replicated", "fsdp")
+    ]
+    return folder, run_cases(cases, folder)
+
+
+def test_shared_backward_runs_while_the_reverse_all_to_all_is_in_flight(gloo):
+    out_dir = require(gloo, "order") / "order"
     for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt")
+        got = torch.load(out_dir / f"{rank}.pt")
         assert got["forward"] == ["all-to-all started"]
         assert got["backward"] == ["backward in", "all-to-all started", "shared backward", "rows' gradient out"]
         assert got["same"]
 
 
-def _step_worker(rank, port, fsdp, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        placement = ExpertPlacement(8, 2, (0, 0))
-        mesh = build_mesh(placement, "cpu")
-        result = {}
-        for overlap in (True, False):
-            model = build_model(model_cfg(), BalanceConfig(), 0, torch.device("cpu"), placement.local_experts(rank))
-            grads = parallelize(model, placement, rank, mesh, fsdp=fsdp)
-            for layer in model.moe_layers():
-                layer.dispatcher.overlap = overlap
-            first, count = batch_share(8, 2, rank)
-            out = model.compute_loss(batch()[first : first + count])
-            (out.loss * count / 8).backward()
-            grads.sync(model)
-            waited = sum(layer.dispatcher.clock.seconds for layer in model.moe_layers())
-            result[overlap] = {
-                "loss": out.loss.detach(),
-                "grads": {n: full_cpu(p.grad) for n, p in model.named_parameters()},
-                "waited": waited,
-            }
-        torch.save(result, f"{out_dir}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _step_worker(rank, world, fsdp, out_dir):
+    placement = ExpertPlacement(8, 2, (0, 0))
+    mesh = build_mesh(placement, "cpu")
+    result = {}
+    for overlap in (True, False):
+        model = build_model(model_cfg(), BalanceConfig(), 0, torch.device("cpu"), placement.local_experts(rank))
+        grads = parallelize(model, placement, rank, mesh, fsdp=fsdp)
+        for layer in model.moe_layers():
+            layer.dispatcher.overlap = overlap
+        first, count = batch_share(8, 2, rank)
+        out = model.compute_loss(batch()[first : first + count])
+        (out.loss * count / 8).backward()
+        grads.sync(model)
+        waited = sum(layer.dispatcher.clock.seconds for layer in model.moe_layers())
+        result[overlap] = {
+            "loss": out.loss.detach(),
+            "grads": {n: full_cpu(p.grad) for n, p in model.named_parameters()},
+            "waited": waited,
+        }
+    torch.save(result, f"{out_dir}/{rank}.pt")
 
 
-def test_overlap_gives_the_same_numbers_as_without(tmp_path):
+def test_overlap_gives_the_same_numbers_as_without(gloo):
     for fsdp in (False, True):
-        mp.start_processes(_step_worker, args=(free_port(), fsdp, str(tmp_path)), nprocs=2, start_method="spawn")
+        name = "step-fsdp" if fsdp else "step-replicated"
+        out_dir = require(gloo, name) / name
         for rank in range(2):
-            got = torch.load(tmp_path / f"{rank}.pt")
+            got = torch.load(out_dir / f"{rank}.pt")
             on, off = got[True], got[False]
             assert torch.equal(on["loss"], off["loss"])
             assert on["grads"].keys() == off["grads"].keys()

@@ -1,8 +1,9 @@
 """Expert parallelism over real gloo process groups: distributed vs single process.
 
-Each case spawns `world` processes that form a gloo group (the collectives Ray Train's workers
-use on CPU), run one forward/backward/sync/clip of the same model on their shares of one global
-batch, and save what they computed; the test compares with one process on the whole batch.
+Each case runs on `world` processes that form a gloo group (the collectives Ray Train's workers
+use on CPU): one forward/backward/sync/clip of the same model on their shares of one global
+batch, saving what they computed; the test compares with one process on the whole batch. The
+module spawns its processes once and runs every case in them (`gloo_cases`).
 """
 
 import os
@@ -10,8 +11,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo_cases import require, run_cases
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig
 from moe_ray.data import batch_share
@@ -52,45 +52,40 @@ def force_bias(model, hot_experts):
     model.set_expert_bias(bias)
 
 
-def _worker(rank, world, port, ep_size, hot, fsdp, order, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
-        mesh = build_mesh(placement, "cpu")
-        model = build_model(
-            model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cpu"), placement.held_experts(rank)
-        )
-        if hot is not None:
-            force_bias(model, hot)
-        grads = parallelize(model, placement, rank, mesh, fsdp=fsdp)
-        first, count = batch_share(BATCH, world, rank)
-        out = model.compute_loss(batch()[first : first + count])
-        (out.loss * count / BATCH).backward()
-        grads.sync(model)
-        norm = grads.clip(model, max_norm=0.05)
-        loss = out.loss.detach() * count / BATCH
-        dist.all_reduce(loss)
-        sharded = sum(p.to_local().numel() for p in model.parameters() if hasattr(p, "to_local"))
-        torch.save(
-            {
-                "loss": loss,
-                "norm": norm,
-                "counts": out.counts,
-                "grads": {n: full_cpu(p.grad) for n, p in model.named_parameters()},
-                "sharded_elements": sharded,
-                "experts": {
-                    f"{n}.{w}": list(m.expert_ids)
-                    for n, m in model.named_modules()
-                    if n.endswith(".experts")
-                    for w in ("w13", "w2")
-                },
+def _worker(rank, world, ep_size, hot, fsdp, order, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
+    mesh = build_mesh(placement, "cpu")
+    model = build_model(
+        model_cfg(), BalanceConfig(seq_aux_alpha=1e-3), 0, torch.device("cpu"), placement.held_experts(rank)
+    )
+    if hot is not None:
+        force_bias(model, hot)
+    grads = parallelize(model, placement, rank, mesh, fsdp=fsdp)
+    first, count = batch_share(BATCH, world, rank)
+    out = model.compute_loss(batch()[first : first + count])
+    (out.loss * count / BATCH).backward()
+    grads.sync(model)
+    norm = grads.clip(model, max_norm=0.05)
+    loss = out.loss.detach() * count / BATCH
+    dist.all_reduce(loss)
+    sharded = sum(p.to_local().numel() for p in model.parameters() if hasattr(p, "to_local"))
+    torch.save(
+        {
+            "loss": loss,
+            "norm": norm,
+            "counts": out.counts,
+            "grads": {n: full_cpu(p.grad) for n, p in model.named_parameters()},
+            "sharded_elements": sharded,
+            "experts": {
+                f"{n}.{w}": list(m.expert_ids)
+                for n, m in model.named_modules()
+                if n.endswith(".experts")
+                for w in ("w13", "w2")
             },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def reference(hot=None):
@@ -103,27 +98,45 @@ def reference(hot=None):
     return out, norm, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "replicated"])
-@pytest.mark.parametrize(
-    "world, ep_size, hot, order",
-    [
-        (2, 2, None, None),
-        (2, 1, None, None),
-        (4, 2, None, None),
-        (2, 2, [0, 1, 2], None),
-        (3, 3, None, None),
-        (4, 2, [7, 0, 5], SCRAMBLED_LAYERS),
-    ],
-    ids=["ep2", "dp2", "ep2xdp2", "zero_token_rank", "ep3_uneven", "ep2xdp2_scrambled"],
-)
-def test_distributed_step_matches_single_process(tmp_path, world, ep_size, hot, order, fsdp):
-    mp.start_processes(
-        _worker,
-        args=(world, free_port(), ep_size, hot, fsdp, order, str(tmp_path)),
-        nprocs=world,
-        start_method="spawn",
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+# name: (world, ep_size, hot experts, expert order)
+LAYOUTS = {
+    "ep2": (2, 2, None, None),
+    "dp2": (2, 1, None, None),
+    "ep2xdp2": (4, 2, None, None),
+    "zero_token_rank": (2, 2, [0, 1, 2], None),
+    "ep3_uneven": (3, 3, None, None),
+    "ep2xdp2_scrambled": (4, 2, [7, 0, 5], SCRAMBLED_LAYERS),
+}
+STEP_CASES = {
+    f"{name}-{'fsdp' if fsdp else 'replicated'}": (*layout, fsdp)
+    for name, layout in LAYOUTS.items()
+    for fsdp in (True, False)
+}
+# Written by 4 workers, then read by 2 and by 4 (in this order: the loads read the save).
+CHECKPOINT_CASES = [(4, 2, "save", SCRAMBLED_LAYERS), (2, 1, "load", None), (4, 4, "load", None)]
+
+
+@pytest.fixture(scope="module")
+def gloo(tmp_path_factory):
+    """Every case of this module, run once in one set of 4 spawned processes: (folder, errors)."""
+    folder = tmp_path_factory.mktemp("gloo")
+    (folder / "ckpt").mkdir()
+    cases = [
+        (name, world, _worker, (ep_size, hot, fsdp, order, str(folder / name)))
+        for name, (world, ep_size, hot, order, fsdp) in STEP_CASES.items()
+    ]
+    cases += [
+        (f"checkpoint-{phase}-{world}", world, _checkpoint_worker, (ep_size, phase, folder / "ckpt", order))
+        for world, ep_size, phase, order in CHECKPOINT_CASES
+    ]
+    return folder, run_cases(cases, folder)
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_distributed_step_matches_single_process(gloo, case):
+    world, ep_size, hot, order, fsdp = STEP_CASES[case]
+    out_dir = require(gloo, case) / case
+    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
     out, norm, ref_grads = reference(hot)
     # The per-rank balance (sequence-wise) loss is a mean over sequences, so it averages exactly.
     for r in ranks:
@@ -217,64 +230,51 @@ def min_imbalance(load, ranks, per_rank):
     return best
 
 
-def _checkpoint_worker(rank, world, port, ep_size, phase, folder, order=None):
+def _checkpoint_worker(rank, world, ep_size, phase, folder, order=None):
     """Phase "save": one AdamW step, then the checkpoint as the Ray workers write it. Phase "load":
     another seed, then the checkpoint. Both record every whole tensor they hold afterwards."""
     from moe_ray.storage import checkpoint as ckpt
     from moe_ray.train.optim import build_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     folder = os.fspath(folder)
-    try:
-        placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
-        seed = 0 if phase == "save" else 123
-        model = build_model(model_cfg(), BalanceConfig(), seed, torch.device("cpu"), placement.held_experts(rank))
-        grads = parallelize(model, placement, rank, build_mesh(placement, "cpu"), fsdp=True)
-        optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
-        if phase == "save":
-            first, count = batch_share(BATCH, world, rank)
-            (model.compute_loss(batch()[first : first + count]).loss * count / BATCH).backward()
-            grads.clip(model, 1.0)
-            optimizer.step()
-            experts = ckpt.expert_tensors(model, optimizer, keep=rank < ep_size)
-            dense = ckpt.dense_tensors(model, optimizer, keep=rank == 0)
-            from pathlib import Path
+    placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
+    seed = 0 if phase == "save" else 123
+    model = build_model(model_cfg(), BalanceConfig(), seed, torch.device("cpu"), placement.held_experts(rank))
+    grads = parallelize(model, placement, rank, build_mesh(placement, "cpu"), fsdp=True)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+    if phase == "save":
+        first, count = batch_share(BATCH, world, rank)
+        (model.compute_loss(batch()[first : first + count]).loss * count / BATCH).backward()
+        grads.clip(model, 1.0)
+        optimizer.step()
+        experts = ckpt.expert_tensors(model, optimizer, keep=rank < ep_size)
+        dense = ckpt.dense_tensors(model, optimizer, keep=rank == 0)
+        from pathlib import Path
 
-            if rank < ep_size:
-                ckpt.write_experts(Path(folder), model, experts)
-            if rank == 0:
-                ckpt.write_dense(Path(folder), dense, {"step": 1})
-            dist.barrier()
-            if rank == 0:
-                entries = [ckpt.file_entry(p) for p in sorted(Path(folder).iterdir())]
-                ckpt.write_index(Path(folder), entries, 1)
-        else:
-            ckpt.load(folder, model, optimizer)
-        # What this layout holds, whole: the same on every layout if the checkpoint is layout-free.
-        held = ckpt.expert_tensors(model, optimizer) | ckpt.dense_tensors(model, optimizer)
-        torch.save(held, os.path.join(folder, "..", f"{phase}-{world}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        if rank < ep_size:
+            ckpt.write_experts(Path(folder), model, experts)
+        if rank == 0:
+            ckpt.write_dense(Path(folder), dense, {"step": 1})
+        dist.barrier()
+        if rank == 0:
+            entries = [ckpt.file_entry(p) for p in sorted(Path(folder).iterdir())]
+            ckpt.write_index(Path(folder), entries, 1)
+    else:
+        ckpt.load(folder, model, optimizer)
+    # What this layout holds, whole: the same on every layout if the checkpoint is layout-free.
+    held = ckpt.expert_tensors(model, optimizer) | ckpt.dense_tensors(model, optimizer)
+    torch.save(held, os.path.join(folder, "..", f"{phase}-{world}-rank{rank}.pt"))
 
 
-def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(tmp_path):
+def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(gloo):
     """Written by 4 workers (EP 2 x DP 2: experts FSDP-sharded over their replicas, a
     non-contiguous placement), read by 2 workers (EP 1 x DP 2), by 4 workers (EP 4, contiguous)
     and by one plain process: every weight and AdamW moment bit-exact."""
     from moe_ray.storage import checkpoint as ckpt
     from moe_ray.train.optim import build_optimizer
 
+    tmp_path = require(gloo, *(f"checkpoint-{phase}-{world}" for world, _, phase, _ in CHECKPOINT_CASES))
     folder = tmp_path / "ckpt"
-    folder.mkdir()
-    for world, ep_size, phase, order in [(4, 2, "save", SCRAMBLED_LAYERS), (2, 1, "load", None), (4, 4, "load", None)]:
-        mp.start_processes(
-            _checkpoint_worker,
-            args=(world, free_port(), ep_size, phase, folder, order),
-            nprocs=world,
-            start_method="spawn",
-        )
     saved = {}
     for rank in range(4):
         saved |= torch.load(tmp_path / f"save-4-rank{rank}.pt")
