@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import free_port, tiny_job
+from conftest import builtin_batch_digests, free_port, tiny_job
 
 from moe_ray.balance import bias_update_speed, update_bias
-from moe_ray.data import batch_digest, builtin_corpus, sample_windows
 from moe_ray.runtime.coordinator import get_coordinator
 from moe_ray.runtime.driver import request_rebalance, request_scale, run_job
 
@@ -32,15 +31,6 @@ def uninterrupted(local_ray, job):
     return run_job(job, run_name="straight")
 
 
-def expected_digests(job):
-    data = builtin_corpus(job.data.max_bytes)
-    window = job.train.seq_len + 1 + job.model.mtp.depth
-    return [
-        batch_digest(sample_windows(data.train, window, job.train.seed, s, 0, job.train.batch_size))
-        for s in range(job.train.steps)
-    ]
-
-
 def assert_same_as_uninterrupted(result, uninterrupted, job):
     steps = [m["step"] for m in result.progress.metrics]
     assert steps == list(range(STEPS))
@@ -50,7 +40,7 @@ def assert_same_as_uninterrupted(result, uninterrupted, job):
         rtol=2e-5,
         atol=1e-6,
     )
-    assert [m["batch_digest"] for m in result.progress.metrics] == expected_digests(job)
+    assert [m["batch_digest"] for m in result.progress.metrics] == builtin_batch_digests(job, range(STEPS))
     assert result.bias_consistency["mismatches"] == []
 
 

@@ -5,10 +5,10 @@ import os
 import boto3
 import pytest
 import torch
-from conftest import tiny_job
+from conftest import builtin_batch_digests, tiny_job
 from faulty_proxy import FaultyProxy
 
-from moe_ray.data import batch_digest, builtin_corpus, sample_offsets, sample_windows
+from moe_ray.data import sample_offsets, sample_windows
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
@@ -52,7 +52,7 @@ def copy_run(new_run, keep, alter=lambda key, body: body):
 
 
 def test_checkpoints_round_trip_through_s3(s3_run):
-    job, result = s3_run
+    job, _ = s3_run
     run = run_location(job.checkpoint.storage, "s3run")
     ckpts = list_checkpoints(run)
     assert [(c.step, c.complete) for c in ckpts] == [(2, True), (4, True)]
@@ -60,7 +60,7 @@ def test_checkpoints_round_trip_through_s3(s3_run):
     assert "runs/s3run/step-00000004/index.json" in keys
     assert any(k.startswith("runs/s3run/step-00000004/experts-00000-00003") for k in keys)
     assert any(k.startswith("runs/s3run/step-00000004/experts-00004-00007") for k in keys)
-    # The resume that reads it back from S3: the next test (one Ray Train run for both).
+    # Reading it back from S3: test_resume_with_one_worker_reads_the_same_samples_from_the_runs_s3_data.
 
 
 def test_tampered_s3_checkpoint_is_not_loaded(s3_run):
@@ -118,14 +118,9 @@ def test_resume_with_one_worker_reads_the_same_samples_from_the_runs_s3_data(s3_
     assert start["resumed"] and start["step"] == 4 and start["world_size"] == 1
     assert [m["step"] for m in resumed.progress.metrics] == [4]
     assert client.head_object(Bucket=BUCKET, Key=manifest_key)["LastModified"] == written
-    data = builtin_corpus(job.data.max_bytes)  # the in-memory stream the data was prepared from
-    window = job.train.seq_len + 1 + job.model.mtp.depth
-
-    def expected(step):
-        return batch_digest(sample_windows(data.train, window, job.train.seed, step, 0, job.train.batch_size))
-
-    assert [m["batch_digest"] for m in uninterrupted.progress.metrics] == [expected(s) for s in range(4)]
-    assert resumed.progress.metrics[0]["batch_digest"] == expected(4)
+    # The samples of the in-memory stream the data was prepared from, before and after the resume.
+    assert [m["batch_digest"] for m in uninterrupted.progress.metrics] == builtin_batch_digests(job, range(4))
+    assert [m["batch_digest"] for m in resumed.progress.metrics] == builtin_batch_digests(job, [4])
 
 
 def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_path):
