@@ -66,20 +66,14 @@ def _order_worker(rank, world, out_dir):
 
 @pytest.fixture(scope="module")
 def gloo(tmp_path_factory):
-    """The module's cases, run once in one pair of spawned processes: (folder, errors)."""
-    folder = tmp_path_factory.mktemp("gloo")
-    for name in ("order", "step-replicated", "step-fsdp"):
-        (folder / name).mkdir()
-    cases = [("order", 2, _order_worker, (str(folder / "order"),))]
-    cases += [
-        (f"step-{kind}", 2, _step_worker, (kind == "fsdp", str(folder / f"step-{kind}")))
-        for kind in ("replicated", "fsdp")
-    ]
-    return folder, run_cases(cases, folder)
+    """The module's cases, run once in one pair of spawned processes."""
+    cases = [("order", 2, _order_worker, ())]
+    cases += [(f"step-{kind}", 2, _step_worker, (kind == "fsdp",)) for kind in ("replicated", "fsdp")]
+    return run_cases(cases, tmp_path_factory.mktemp("gloo"))
 
 
 def test_shared_backward_runs_while_the_reverse_all_to_all_is_in_flight(gloo):
-    out_dir = require(gloo, "order") / "order"
+    out_dir = require(gloo, "order")
     for rank in range(2):
         got = torch.load(out_dir / f"{rank}.pt")
         assert got["forward"] == ["all-to-all started"]
@@ -87,7 +81,7 @@ def test_shared_backward_runs_while_the_reverse_all_to_all_is_in_flight(gloo):
         assert got["same"]
 
 
-def _step_worker(rank, world, fsdp, out_dir):
+def _step_worker(rank, world, out_dir, fsdp):
     placement = ExpertPlacement(8, 2, (0, 0))
     mesh = build_mesh(placement, "cpu")
     result = {}
@@ -112,7 +106,7 @@ def _step_worker(rank, world, fsdp, out_dir):
 def test_overlap_gives_the_same_numbers_as_without(gloo):
     for fsdp in (False, True):
         name = "step-fsdp" if fsdp else "step-replicated"
-        out_dir = require(gloo, name) / name
+        out_dir = require(gloo, name)
         for rank in range(2):
             got = torch.load(out_dir / f"{rank}.pt")
             on, off = got[True], got[False]

@@ -6,8 +6,6 @@ batch, saving what they computed; the test compares with one process on the whol
 module spawns its processes once and runs every case in them (`gloo_cases`).
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,8 +50,7 @@ def force_bias(model, hot_experts):
     model.set_expert_bias(bias)
 
 
-def _worker(rank, world, ep_size, hot, fsdp, order, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
+def _worker(rank, world, out_dir, ep_size, hot, fsdp, order):
     placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
     mesh = build_mesh(placement, "cpu")
     model = build_model(
@@ -84,7 +81,7 @@ def _worker(rank, world, ep_size, hot, fsdp, order, out_dir):
                 for w in ("w13", "w2")
             },
         },
-        os.path.join(out_dir, f"rank{rank}.pt"),
+        out_dir / f"rank{rank}.pt",
     )
 
 
@@ -118,24 +115,24 @@ CHECKPOINT_CASES = [(4, 2, "save", SCRAMBLED_LAYERS), (2, 1, "load", None), (4, 
 
 @pytest.fixture(scope="module")
 def gloo(tmp_path_factory):
-    """Every case of this module, run once in one set of 4 spawned processes: (folder, errors)."""
+    """Every case of this module, run once in one set of 4 spawned processes."""
     folder = tmp_path_factory.mktemp("gloo")
     (folder / "ckpt").mkdir()
     cases = [
-        (name, world, _worker, (ep_size, hot, fsdp, order, str(folder / name)))
+        (name, world, _worker, (ep_size, hot, fsdp, order))
         for name, (world, ep_size, hot, order, fsdp) in STEP_CASES.items()
     ]
     cases += [
         (f"checkpoint-{phase}-{world}", world, _checkpoint_worker, (ep_size, phase, folder / "ckpt", order))
         for world, ep_size, phase, order in CHECKPOINT_CASES
     ]
-    return folder, run_cases(cases, folder)
+    return run_cases(cases, folder)
 
 
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_distributed_step_matches_single_process(gloo, case):
     world, ep_size, hot, order, fsdp = STEP_CASES[case]
-    out_dir = require(gloo, case) / case
+    out_dir = require(gloo, case)
     ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
     out, norm, ref_grads = reference(hot)
     # The per-rank balance (sequence-wise) loss is a mean over sequences, so it averages exactly.
@@ -230,13 +227,12 @@ def min_imbalance(load, ranks, per_rank):
     return best
 
 
-def _checkpoint_worker(rank, world, ep_size, phase, folder, order=None):
+def _checkpoint_worker(rank, world, out_dir, ep_size, phase, folder, order=None):
     """Phase "save": one AdamW step, then the checkpoint as the Ray workers write it. Phase "load":
     another seed, then the checkpoint. Both record every whole tensor they hold afterwards."""
     from moe_ray.storage import checkpoint as ckpt
     from moe_ray.train.optim import build_optimizer
 
-    folder = os.fspath(folder)
     placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
     seed = 0 if phase == "save" else 123
     model = build_model(model_cfg(), BalanceConfig(), seed, torch.device("cpu"), placement.held_experts(rank))
@@ -249,21 +245,19 @@ def _checkpoint_worker(rank, world, ep_size, phase, folder, order=None):
         optimizer.step()
         experts = ckpt.expert_tensors(model, optimizer, keep=rank < ep_size)
         dense = ckpt.dense_tensors(model, optimizer, keep=rank == 0)
-        from pathlib import Path
-
         if rank < ep_size:
-            ckpt.write_experts(Path(folder), model, experts)
+            ckpt.write_experts(folder, model, experts)
         if rank == 0:
-            ckpt.write_dense(Path(folder), dense, {"step": 1})
+            ckpt.write_dense(folder, dense, {"step": 1})
         dist.barrier()
         if rank == 0:
-            entries = [ckpt.file_entry(p) for p in sorted(Path(folder).iterdir())]
-            ckpt.write_index(Path(folder), entries, 1)
+            entries = [ckpt.file_entry(p) for p in sorted(folder.iterdir())]
+            ckpt.write_index(folder, entries, 1)
     else:
         ckpt.load(folder, model, optimizer)
     # What this layout holds, whole: the same on every layout if the checkpoint is layout-free.
     held = ckpt.expert_tensors(model, optimizer) | ckpt.dense_tensors(model, optimizer)
-    torch.save(held, os.path.join(folder, "..", f"{phase}-{world}-rank{rank}.pt"))
+    torch.save(held, out_dir / f"rank{rank}.pt")
 
 
 def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(gloo):
@@ -273,20 +267,20 @@ def test_fsdp_checkpoint_loads_bit_exact_into_other_layouts(gloo):
     from moe_ray.storage import checkpoint as ckpt
     from moe_ray.train.optim import build_optimizer
 
-    tmp_path = require(gloo, *(f"checkpoint-{phase}-{world}" for world, _, phase, _ in CHECKPOINT_CASES))
-    folder = tmp_path / "ckpt"
+    save, load2, load4 = (require(gloo, f"checkpoint-{phase}-{world}") for world, _, phase, _ in CHECKPOINT_CASES)
+    folder = gloo / "ckpt"
     saved = {}
     for rank in range(4):
-        saved |= torch.load(tmp_path / f"save-4-rank{rank}.pt")
+        saved |= torch.load(save / f"rank{rank}.pt")
     assert any(".expert.7." in k and k.endswith("exp_avg") for k in saved)  # experts of both EP ranks
     assert len(list(folder.glob("experts-*.safetensors"))) == 2  # one file per EP rank, names unique
     for rank in range(2):
-        loaded = torch.load(tmp_path / f"load-2-rank{rank}.pt")
+        loaded = torch.load(load2 / f"rank{rank}.pt")
         assert loaded.keys() == saved.keys()
         for k, v in loaded.items():
             assert torch.equal(v, saved[k]), k
     for rank in range(4):  # EP 4: each rank holds 2 experts, and only those
-        loaded = torch.load(tmp_path / f"load-4-rank{rank}.pt")
+        loaded = torch.load(load4 / f"rank{rank}.pt")
         for k, v in loaded.items():
             assert torch.equal(v, saved[k]), k
     plain = build_model(model_cfg(), BalanceConfig(), 7, torch.device("cpu"))
