@@ -384,10 +384,10 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
 
 
 def rank_imbalance(tiny: list[str] | None) -> dict:
-    """A run on Ray whose experts are skewed (no balancing), 4 workers: per-rank rows received
+    """A run on Ray whose experts are skewed (no balancing), 4 workers (2 with --tiny): per-rank rows received
     (max/mean over ranks, mean over layers, as the workers measure it every step) in contiguous
     blocks, then after `moe-ray rebalance` packs experts by the coordinator's recent load.
-    `tiny`: the --tiny model settings (the tests), for a few steps on 2 workers (each worker
+    `tiny`: the --tiny model settings (the tests), for a few steps (on 2 workers: each worker
     group's start-up is most of a tiny run's time)."""
     from common import short_quickstart
 
