@@ -108,9 +108,9 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
     uri = job.tracking.uri
     if not job.tracking.enabled or not uri or not uri.startswith(("http://", "https://")):
         return None, None
-    from moe_ray.tracking import quiet_mlflow_http
+    from moe_ray.tracking import quiet_mlflow
 
-    quiet_mlflow_http()
+    quiet_mlflow()
     try:
         from mlflow.tracking import MlflowClient
 

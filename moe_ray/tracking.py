@@ -242,9 +242,12 @@ def _short(err: Exception) -> str:
     return (text[0] if text else type(err).__name__)[:200]
 
 
-def quiet_mlflow_http() -> None:
+def quiet_mlflow() -> None:
     """MLflow's own HTTP retries would stall the sender for minutes; ours are enough. And MLflow
-    prints "View run at: <tracking URI>" with any password in it: moe-ray prints its own, masked."""
+    prints "View run at: <tracking URI>" with any password in it: moe-ray prints its own, masked.
+    A new SQLite store's "Creating initial MLflow database tables" lines say nothing to a user."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)

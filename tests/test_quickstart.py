@@ -33,6 +33,7 @@ def test_quickstart_job_end_to_end(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    assert "Creating initial MLflow database" not in out  # a new local store is made quietly
     # Periodic log lines (not a terminal) with step, loss, tokens/s and MaxVio.
     assert re.search(r"step 25/100 loss [\d.]+ .* tok/s maxvio [\d.]+", out), out[-3000:]
     m = re.search(r"train loss ([\d.]+), val loss ([\d.]+), MaxVio_global ([\d.]+)", out)

@@ -8,10 +8,10 @@ from mlflow.tracking import MlflowClient
 
 from moe_ray.runtime.driver import run_job
 from moe_ray.runtime.worker import TIME_METRICS
-from moe_ray.tracking import Tracker, flatten, quiet_mlflow_http
+from moe_ray.tracking import Tracker, flatten, quiet_mlflow
 from moe_ray.train.step import STEP_PHASES
 
-quiet_mlflow_http()
+quiet_mlflow()
 
 
 def only_run(uri, experiment):

@@ -17,7 +17,7 @@ from moe_ray.runtime.worker import TIME_METRICS
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, dump_job, job_record, mask
 from moe_ray.storage import checkpoint as ckpt
-from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow_http
+from moe_ray.tracking import Tracker, flatten, git_commit, local_store_uri, quiet_mlflow
 
 STEP_KEYS = (
     "loss",
@@ -35,7 +35,7 @@ STEP_KEYS = (
 class RunTracking:
     def __init__(self, job: JobSpec, run_name: str, address: str | None):
         cfg = job.tracking
-        quiet_mlflow_http()
+        quiet_mlflow()
         self.job, self.cfg = job, cfg
         self.uri = cfg.uri or local_store_uri()
         self.tracker = Tracker(self.uri, cfg.experiment, run_name, enabled=cfg.enabled)
