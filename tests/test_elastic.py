@@ -104,7 +104,7 @@ def test_scale_two_to_one_to_three(job, uninterrupted):
     bias = torch.zeros(job.model.n_moe_layers, job.model.moe.n_routed_experts)
     assert [h["step"] for h in result.load_history] == list(range(STEPS))
     for h in result.load_history:
-        bias = update_bias(bias, torch.from_numpy(h["counts"]), bias_update_speed(job.balance, h["step"], STEPS))
+        bias = update_bias(bias, torch.tensor(h["counts"]), bias_update_speed(job.balance, h["step"], STEPS))
         assert np.array_equal(h["bias"], bias.numpy())
     assert result.bias_consistency["checked"] == STEPS
 
