@@ -96,7 +96,7 @@ class CoordinatorBias:
                 dist.broadcast(message, src=0)
                 raise
             message[0], message[1] = version, desired or 0
-            message[2:] = torch.from_numpy(bias).flatten().to(message)
+            message[2:] = torch.tensor(bias, dtype=message.dtype).flatten()
         dist.broadcast(message, src=0)
         version, desired = (int(v) for v in message[:2].tolist())
         if version < 0:

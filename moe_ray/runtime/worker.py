@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
     generation = broadcast(generation)
     # The coordinator's bias is the truth from here on (it equals the checkpoint's on a restore).
-    model.set_expert_bias(torch.from_numpy(ray.get(coordinator.current_bias.remote())[1]))
+    model.set_expert_bias(torch.tensor(ray.get(coordinator.current_bias.remote())[1]))
 
     cfg = job.train
     window = cfg.seq_len + 1 + job.model.mtp.depth
