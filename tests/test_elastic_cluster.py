@@ -32,6 +32,17 @@ def cluster():
     os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
 
 
+def show_ray_train_the_new_node():
+    """Ray Train's elastic policy sees the cluster through Ray Data's AutoscalingCoordinator
+    actor, which refreshes its view every 20 s: a new node can go unseen for longer than this
+    tiny run's remaining steps take (~10 s on one worker). Refresh it now, as its next tick would;
+    the decision to grow is still Ray Train's own."""
+    import ray
+
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("moe-ray-test", recompute=True))
+
+
 def test_elastic_run_shrinks_and_grows(cluster, tmp_path):
     job = tiny_job(
         tmp_path,
@@ -42,7 +53,7 @@ def test_elastic_run_shrinks_and_grows(cluster, tmp_path):
             "workers": {"min": 1, "max": 2},
             "cpus_per_worker": 1,
             "max_failures": -1,
-            "elastic_resize_interval_s": 2,
+            "elastic_resize_interval_s": 1,
         },
     )
     extra = cluster.add_node(num_cpus=1)
@@ -61,6 +72,8 @@ def test_elastic_run_shrinks_and_grows(cluster, tmp_path):
         elif len(phases) == 1 and sizes[-1:] == [1] and last >= phases[0][1] + 10:
             phases.append(("add", last))
             cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            show_ray_train_the_new_node()
 
     start = time.time()
     result = run_job(job, run_name="elastic", on_progress=driver, poll_s=0.2)
