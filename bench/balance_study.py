@@ -393,7 +393,9 @@ def rank_imbalance(tiny: list[str] | None) -> dict:
 
     from moe_ray.runtime.driver import request_rebalance, run_job
 
-    steps, at, workers = (8, 4, 2) if tiny else (90, 60, 4)
+    # The rebalance lands a few steps after it is asked for (the driver's poll, then the next
+    # exchange), and a tiny step takes ~50 ms: 20 steps of room, not 4, or the run can end first.
+    steps, at, workers = (24, 4, 2) if tiny else (90, 60, 4)
     model = [s for s in tiny or [] if s.startswith(("model.", "train.batch_size", "train.seq_len", "data."))]
     with tempfile.TemporaryDirectory() as storage:
         job = short_quickstart(storage, steps, extra=model)
