@@ -16,7 +16,7 @@ from stack import LocalStack, free_port  # noqa: E402,F401
 # Keep the test processes from oversubscribing a small machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Ray Train's controller looks at its workers every 2 s, so each worker group's end (and a
-# failure) is seen ~1-2 s late; ~2 s per run over the suite's ~40 worker groups. Every Ray the
+# failure) is seen ~1-2 s late; ~2 s per run over the suite's ~33 worker groups. Every Ray the
 # tests start (embedded, `ray start`, the CLI's) inherits this from the test process's env.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 

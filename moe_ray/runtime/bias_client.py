@@ -96,7 +96,7 @@ class CoordinatorBias:
                 dist.broadcast(message, src=0)
                 raise
             message[0], message[1] = version, desired or 0
-            message[2:] = torch.tensor(bias, dtype=message.dtype).flatten()
+            message[2:] = torch.tensor(bias, dtype=message.dtype, device=message.device).flatten()
         dist.broadcast(message, src=0)
         version, desired = (int(v) for v in message[:2].tolist())
         if version < 0:
