@@ -45,7 +45,7 @@ from common import emit, machine, save_results  # noqa: E402
 
 from moe_ray.balance import max_violation  # noqa: E402
 from moe_ray.config import BalanceConfig  # noqa: E402
-from moe_ray.data import builtin_corpus, eval_windows, sample_windows  # noqa: E402
+from moe_ray.data import builtin_corpus, eval_windows, sample_windows, window_length  # noqa: E402
 from moe_ray.spec import load_job  # noqa: E402
 
 BENCH = "balance_study"
@@ -140,7 +140,7 @@ def run_one(task: dict) -> dict:
             recent_biases.append(trainer.bias.bias.clone())
 
     summary = trainer.fit(on_step=keep_bias)
-    window = job.train.seq_len + 1 + job.model.mtp.depth
+    window = window_length(job.train.seq_len, job.model.mtp.depth)
     batch = job.train.batch_size
     val_loss, val_counts = per_batch_counts(trainer.model, eval_windows(data.val, window, batch, task["batches"]))
     # Fresh training-distribution windows (steps no run reaches): is what val shows the bias's

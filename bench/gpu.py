@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, free_port, short_quickstart  # noqa: E402
 
 from moe_ray.config import BalanceConfig, ModelConfig, MoEConfig, MTPConfig, TrainConfig  # noqa: E402
+from moe_ray.data import window_length  # noqa: E402
 from moe_ray.parallel.mesh import build_mesh  # noqa: E402
 from moe_ray.parallel.parallelize import parallelize  # noqa: E402
 from moe_ray.parallel.placement import ExpertPlacement  # noqa: E402
@@ -92,7 +93,7 @@ def run_model(name: str, dense: str, steps: int, warmup: int) -> None:
     train = TrainConfig(steps=steps + warmup, batch_size=batch, seq_len=seq_len, warmup_steps=0, precision="bf16")
     optimizer = build_optimizer(model, train)
     bias = LocalBias(model.get_expert_bias(), BalanceConfig(), train.steps)
-    window = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1 + cfg.mtp.depth), device="cuda")
+    window = torch.randint(0, cfg.vocab_size, (batch, window_length(seq_len, cfg.mtp.depth)), device="cuda")
     times, losses = [], []
     for step in range(train.steps):
         torch.cuda.synchronize()

@@ -27,7 +27,7 @@ BENCH = "overlap"
 
 
 def _worker(rank, world, port, blocks, steps, out):
-    from moe_ray.data import batch_share, builtin_corpus, sample_windows
+    from moe_ray.data import batch_share, builtin_corpus, sample_windows, window_length
     from moe_ray.parallel.mesh import build_mesh
     from moe_ray.parallel.parallelize import parallelize
     from moe_ray.parallel.placement import ExpertPlacement
@@ -48,7 +48,7 @@ def _worker(rank, world, port, blocks, steps, out):
     bias = LocalBias(model.get_expert_bias(), job.balance, job.train.steps)
     data = builtin_corpus(job.data.max_bytes)
     first, count = batch_share(job.train.batch_size, world, rank)
-    window = job.train.seq_len + 1 + job.model.mtp.depth
+    window = window_length(job.train.seq_len, job.model.mtp.depth)
     times = {True: [], False: []}
     waits = {True: [], False: []}
     step = 0

@@ -272,7 +272,7 @@ def eval_checkpoint(
     ] = None,
 ) -> None:
     """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
-    from moe_ray.data import DataError, eval_windows, tiling_windows
+    from moe_ray.data import DataError, eval_windows, tiling_windows, window_length
     from moe_ray.inference import evaluate_checkpoint, load_model, path_named_by
     from moe_ray.runtime.data_loading import eval_tokens
     from moe_ray.storage.checkpoint import CheckpointError
@@ -290,7 +290,8 @@ def eval_checkpoint(
         tokens, description = eval_tokens(data_cfg, job.model.vocab_size, whole=data is not None)
         if data is None:  # the job's own validation set, as training evaluated it
             n = batches or job.train.eval_batches
-            windows = eval_windows(tokens, job.train.seq_len + 1 + job.model.mtp.depth, job.train.batch_size, n)
+            window = window_length(job.train.seq_len, job.model.mtp.depth)
+            windows = eval_windows(tokens, window, job.train.batch_size, n)
             typer.echo(f"data: {description}; {n} batches of {job.train.batch_size}", err=True)
         else:
             windows = tiling_windows(tokens, job.train.seq_len, 1 + job.model.mtp.depth, job.train.batch_size)

@@ -120,6 +120,12 @@ def sample_offsets(n_tokens: int, window: int, seed: int, step: int, sample_ids:
     return (_mix64(key) % np.uint64(span)).astype(np.int64)
 
 
+def window_length(seq_len: int, mtp_depth: int) -> int:
+    """Tokens per training window: seq_len inputs, the next token as the last one's target, and
+    one more per multi-token prediction depth for its targets."""
+    return seq_len + 1 + mtp_depth
+
+
 def batch_share(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """(first global sample index, count) of `rank`'s share of a global batch."""
     base, extra = divmod(batch_size, world_size)

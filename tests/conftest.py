@@ -85,10 +85,10 @@ def tiny_job(storage, **overrides) -> JobSpec:
 def builtin_batch_digests(job: JobSpec, steps) -> list:
     """The digest of each listed step's global batch, sampled from the built-in corpus as a run
     of `job` samples it (what `train.audit_data` records), computed here without Ray."""
-    from moe_ray.data import batch_digest, builtin_corpus, sample_windows
+    from moe_ray.data import batch_digest, builtin_corpus, sample_windows, window_length
 
     data = builtin_corpus(job.data.max_bytes)
-    window = job.train.seq_len + 1 + job.model.mtp.depth
+    window = window_length(job.train.seq_len, job.model.mtp.depth)
     return [batch_digest(sample_windows(data.train, window, job.train.seed, s, 0, job.train.batch_size)) for s in steps]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_job
 
-from moe_ray.data import DataError, batch_digest, sample_windows
+from moe_ray.data import DataError, batch_digest, sample_windows, window_length
 from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.driver import run_job
 from moe_ray.runtime.prepare import prepare
@@ -139,7 +139,7 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
     [cache] = (tmp_path / "runs" / "user-data" / "data").iterdir()
     data = open_dataset(str(cache))
     train, _ = expected_bytes(DOCS, 10)
-    window = job.train.seq_len + 1 + job.model.mtp.depth
+    window = window_length(job.train.seq_len, job.model.mtp.depth)
     for m in result.progress.metrics:  # the run read exactly the windows of the in-memory stream
         assert m["batch_digest"] == batch_digest(sample_windows(train, window, job.train.seed, m["step"], 0, 8))
     assert np.array_equal(data.train[:], train)

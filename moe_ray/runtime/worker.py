@@ -19,7 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from moe_ray.data import batch_digest, batch_share, eval_windows, sample_windows
+from moe_ray.data import batch_digest, batch_share, eval_windows, sample_windows, window_length
 from moe_ray.hf.init_from import load_init_from
 from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
@@ -209,7 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
     model.set_expert_bias(torch.tensor(ray.get(coordinator.current_bias.remote())[1]))
 
     cfg = job.train
-    window = cfg.seq_len + 1 + job.model.mtp.depth
+    window = window_length(cfg.seq_len, job.model.mtp.depth)
     first, count = batch_share(cfg.batch_size, world, rank)
     val = [w.to(device) for w in eval_windows(data.val, window, cfg.batch_size, cfg.eval_batches)]
     if config.get("bias_mode") == "allreduce":

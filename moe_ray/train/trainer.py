@@ -9,7 +9,7 @@ import torch
 
 from moe_ray.balance import max_violation
 from moe_ray.config import BalanceConfig, ModelConfig, TrainConfig
-from moe_ray.data import TokenSplits, eval_windows, sample_windows
+from moe_ray.data import TokenSplits, eval_windows, sample_windows, window_length
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.optim import build_optimizer
@@ -61,7 +61,7 @@ class Trainer:
         self.model = build_model(model_cfg, balance, train.seed, self.device)
         self.optimizer = build_optimizer(self.model, train)
         self.bias = LocalBias(self.model.get_expert_bias(), balance, train.steps)
-        self.window = train.seq_len + 1 + model_cfg.mtp.depth
+        self.window = window_length(train.seq_len, model_cfg.mtp.depth)
         self.val_windows = [
             w.to(self.device) for w in eval_windows(data.val, self.window, train.batch_size, train.eval_batches)
         ]
