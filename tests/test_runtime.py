@@ -65,7 +65,7 @@ def test_bias_identical_on_all_ranks_and_follows_the_policy(ep2_run, job):
     assert [h["step"] for h in ep2_run.load_history] == list(range(STEPS))
     moved = False
     for h in ep2_run.load_history:
-        bias = next_bias(job.balance, bias, torch.from_numpy(h["counts"]), h["step"], STEPS)
+        bias = next_bias(job.balance, bias, torch.tensor(h["counts"]), h["step"], STEPS)
         assert np.array_equal(h["bias"], bias.numpy()), h["step"]
         moved |= bool(bias.abs().sum() > 0)
         # Counts are global: every (token, slot) of the global batch, per layer.
