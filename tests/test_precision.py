@@ -220,3 +220,25 @@ def test_mtp_block_keeps_the_residual_stream_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.compute_loss(torch.randint(0, 256, (2, 18)))
     assert seen == [torch.float32]
+
+
+def test_the_gpu_checks_need_neither_ray_nor_mlflow_nor_boto3():
+    """What the README promises for a GPU node without `.venv`: this file's tests and the GPU
+    benchmarks import with Ray, MLflow, boto3 and moto unavailable."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['ray', 'mlflow', 'boto3', 'moto']))"
+    script = (
+        f"{blocked}; sys.path[:0] = ['tests', 'bench']; import pytest; "
+        "rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/test_precision.py']); "
+        "import moe_layer, gpu; sys.exit(rc)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test_overlap_on_nccl_gives_the_same_numbers_as_without" in proc.stdout
