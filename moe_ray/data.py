@@ -78,7 +78,8 @@ def read_builtin_corpus(max_bytes: int | None) -> TokenSplits:
     """Read the corpus from the standard library's files. Whole files go to one split (every
     VAL_EVERY_NTH_FILE-th file to validation) so that no validation text is also seen in training."""
     train, val = bytearray(), bytearray()
-    for i, path in enumerate(stdlib_files()):
+    files = stdlib_files()
+    for i, path in enumerate(files):
         if max_bytes is not None and len(train) + len(val) >= max_bytes:
             break
         try:
@@ -86,8 +87,15 @@ def read_builtin_corpus(max_bytes: int | None) -> TokenSplits:
         except OSError:
             continue
         (val if i % VAL_EVERY_NTH_FILE == VAL_EVERY_NTH_FILE - 1 else train).extend(data)
+    if len(files) >= VAL_EVERY_NTH_FILE and (not train or not val) and max_bytes is not None:
+        # The first validation file is the VAL_EVERY_NTH_FILE-th: max_bytes stopped before it.
+        needed = 1 + sum(p.stat().st_size for p in files[: VAL_EVERY_NTH_FILE - 1])
+        raise DataError(
+            f"data.max_bytes {max_bytes:,} is too small for the built-in corpus to have a validation split "
+            f"(every {VAL_EVERY_NTH_FILE}th file): give at least {needed:,}, or leave it unset"
+        )
     if not train or not val:
-        raise RuntimeError(f"no standard library sources found under {sysconfig.get_paths()['stdlib']}")
+        raise DataError(f"no standard library sources found under {sysconfig.get_paths()['stdlib']}")
     version = ".".join(map(str, sys.version_info[:3]))
     return TokenSplits(
         train=np.frombuffer(bytes(train), dtype=np.uint8),

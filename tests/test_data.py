@@ -58,3 +58,18 @@ def test_builtin_corpus_cache_gives_the_read_corpus_and_survives_a_bad_file(tmp_
     assert np.array_equal(builtin_corpus(1_000_000).train, read.train)  # rebuilt
     assert np.load(cached)["train"].shape == read.train.shape  # and the file repaired
     builtin_corpus.cache_clear()
+
+
+def test_builtin_corpus_too_small_for_a_validation_split_names_the_least_max_bytes_that_works():
+    import re
+
+    import pytest
+
+    from moe_ray.data import DataError, read_builtin_corpus
+
+    with pytest.raises(DataError, match=r"data.max_bytes 10,000 is too small .* give at least ([\d,]+)") as err:
+        read_builtin_corpus(10_000)
+    least = int(re.search(r"at least ([\d,]+)", str(err.value))[1].replace(",", ""))
+    assert len(read_builtin_corpus(least).val) > 0  # the number given is enough...
+    with pytest.raises(DataError, match="too small"):
+        read_builtin_corpus(least - 1)  # ...and the least that is
