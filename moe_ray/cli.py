@@ -29,6 +29,14 @@ def exit_on(*errors: type[Exception], code: int = 1):
         raise typer.Exit(code) from None
 
 
+CheckpointArg = Annotated[
+    str,
+    typer.Argument(
+        help="A checkpoint folder (local or s3://.../step-NNNNNNNN), or a run's folder for its newest complete one."
+    ),
+]
+
+
 def _load(job_file: str, overrides: list[str] | None):
     with exit_on(JobSpecError, code=2):
         return load_job(job_file, overrides or [])
@@ -62,8 +70,9 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
             typer.echo(f"# init_from: {check_init_from(job)}")
     from moe_ray.data import DataError
     from moe_ray.runtime.data_loading import check_data
+    from moe_ray.storage.s3 import StorageError
 
-    with exit_on(DataError, code=2):
+    with exit_on(DataError, StorageError, code=2):
         typer.echo(f"# data: {check_data(job)}")
 
 
@@ -117,12 +126,14 @@ def checkpoints(
     """List a run's checkpoints with step and size (and prune old ones)."""
     from moe_ray.storage.catalog import list_checkpoints, run_location
     from moe_ray.storage.catalog import prune as prune_run
+    from moe_ray.storage.s3 import StorageError
 
     run = run_location(storage, _run_name(run_name, "RUN_NAME"))
-    if prune is not None:
-        for c in prune_run(run, prune):
-            typer.echo(f"deleted {c.name}")
-    ckpts = list_checkpoints(run)
+    with exit_on(StorageError):
+        if prune is not None:
+            for c in prune_run(run, prune):
+                typer.echo(f"deleted {c.name}")
+        ckpts = list_checkpoints(run)
     if not ckpts:
         typer.echo(f"no checkpoints under {run}", err=True)
         raise typer.Exit(1)
@@ -219,6 +230,7 @@ def prepare(
     from moe_ray.data import DataError
     from moe_ray.runtime.prepare import prepare as prepare_dataset
     from moe_ray.spec import DataConfig
+    from moe_ray.storage.s3 import StorageError
 
     try:
         cfg = DataConfig(
@@ -233,7 +245,7 @@ def prepare(
         typer.echo(f"error: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None
     start = time.monotonic()
-    with exit_on(DataError), follow_prepare() as on_progress:
+    with exit_on(DataError, StorageError), follow_prepare() as on_progress:
         if address:
             import ray
 
@@ -259,7 +271,7 @@ TokenizerOpt = Annotated[
 
 @app.command(name="eval")
 def eval_checkpoint(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    checkpoint: CheckpointArg,
     data: Annotated[
         str | None,
         typer.Option(
@@ -276,8 +288,9 @@ def eval_checkpoint(
     from moe_ray.inference import evaluate_checkpoint, load_model, path_named_by
     from moe_ray.runtime.data_loading import eval_tokens
     from moe_ray.storage.checkpoint import CheckpointError
+    from moe_ray.storage.s3 import StorageError
 
-    with exit_on(CheckpointError, DataError, ValueError):
+    with exit_on(CheckpointError, DataError, StorageError, ValueError):
         loaded = load_model(checkpoint)
         job = loaded.job
         trained = job.data
@@ -299,7 +312,7 @@ def eval_checkpoint(
             typer.echo(f"data: {description}", err=True)
         report = evaluate_checkpoint(loaded, windows)
     vio = report.result.max_vio_global.tolist()
-    typer.echo(f"checkpoint {checkpoint} (step {loaded.step})")
+    typer.echo(f"checkpoint {loaded.uri} (step {loaded.step})")
     typer.echo(f"  val loss {report.result.loss:.4f}, perplexity {report.result.perplexity:.2f}")
     typer.echo(
         f"  MaxVio_global mean {sum(vio) / max(1, len(vio)):.3f}; per layer " + ", ".join(f"{v:.3f}" for v in vio)
@@ -309,7 +322,7 @@ def eval_checkpoint(
 
 @app.command()
 def generate(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    checkpoint: CheckpointArg,
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to add.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
@@ -326,15 +339,19 @@ def generate(
     """Continue a prompt with a trained model (KV cache, the trained routing bias)."""
     import time
 
+    from moe_ray.data import DataError
     from moe_ray.inference import Tokenizer, load_model, path_named_by
     from moe_ray.inference import generate as sample
     from moe_ray.speculative import speculative_generate
     from moe_ray.storage.checkpoint import CheckpointError
+    from moe_ray.storage.s3 import StorageError
 
-    with exit_on(CheckpointError):
+    with exit_on(CheckpointError, DataError, StorageError):
         loaded = load_model(checkpoint)
         spec = path_named_by("tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
-    tok = Tokenizer(spec)
+        tok = Tokenizer(spec)
+    if loaded.uri != checkpoint:
+        typer.echo(f"(checkpoint {loaded.uri}, step {loaded.step}: the run's newest complete one)", err=True)
     ids = tok.encode(prompt)
     start = time.perf_counter()
     if speculative:
@@ -363,7 +380,7 @@ def generate(
 
 @app.command()
 def export(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or s3://bucket/.../step-NNNNNNNN.")],
+    checkpoint: CheckpointArg,
     out: Annotated[str, typer.Argument(help="A new folder for the Hugging Face model.")],
     tokenizer: TokenizerOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16 (half the size).")] = "float32",
@@ -390,7 +407,7 @@ def export(
         )
     mtp = result.config["num_nextn_predict_layers"]
     typer.echo(
-        f"exported step {result.step} of {checkpoint} to {out}: {result.shards} shard(s), "
+        f"exported step {result.step} of {result.checkpoint} to {out}: {result.shards} shard(s), "
         f"{result.bytes / 2**20:.1f} MB, glm4_moe {dtype}\n"
         f"  transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
         f"  vLLM:         vllm serve {out}"

@@ -15,6 +15,7 @@ from moe_ray.data import decode_bytes, encode_bytes
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec, JobSpecError, parse_job
 from moe_ray.storage import checkpoint as ckpt
+from moe_ray.storage.catalog import resolve_checkpoint
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.trainer import build_model, default_device
 
@@ -24,12 +25,15 @@ class LoadedModel:
     model: MoETransformer
     job: JobSpec
     step: int
+    uri: str  # the checkpoint read: the one given, or a given run folder's newest
 
 
 def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
-    """The model of a checkpoint, built from its state.json only after the index has vouched for
-    that file, and only from a job that validates as a job file would."""
+    """The model of a checkpoint (or of a run folder's newest complete checkpoint), built from its
+    state.json only after the index has vouched for that file, and only from a job that validates
+    as a job file would."""
     device = device or default_device()
+    uri = resolve_checkpoint(uri)
     with ckpt.local_checkpoint(uri) as folder:
         state = ckpt.read_state(folder)
         try:
@@ -39,7 +43,7 @@ def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
         model = build_model(job.model, job.balance, job.train.seed, device)
         loaded = ckpt.load(folder, model, None)
     model.eval()
-    return LoadedModel(model=model, job=job, step=loaded.step)
+    return LoadedModel(model=model, job=job, step=loaded.step, uri=uri)
 
 
 def path_named_by(what: str, value: str, given: str | None, option: str) -> str:

@@ -48,13 +48,39 @@ def test_eval_and_generate_commands(checkpoint):
     assert out.returncode == 0, out.stderr
     assert "val loss" in out.stdout and "perplexity" in out.stdout and "MaxVio_global mean" in out.stdout
     assert "tokens/s" in out.stdout
-    args = [str(CLI), "generate", checkpoint, "--prompt", "import os", "--max-new-tokens", "12", "--seed", "1"]
-    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    args = ["--prompt", "import os", "--max-new-tokens", "12", "--seed", "1"]
+    first = subprocess.run([str(CLI), "generate", checkpoint, *args], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
+    # The run's folder names its newest complete checkpoint: the same model, the same text.
+    run = str(Path(checkpoint).parent)
+    second = subprocess.run([str(CLI), "generate", run, *args], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("import os")
+    assert f"(checkpoint {checkpoint}, step 4: the run's newest complete one)" in second.stderr
     bad = subprocess.run([str(CLI), "eval", "/nonexistent/step-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
+
+
+def test_a_run_folder_names_its_newest_complete_checkpoint(checkpoint, tmp_path):
+    import shutil
+
+    from moe_ray.storage.catalog import resolve_checkpoint
+    from moe_ray.storage.checkpoint import CheckpointError
+
+    assert resolve_checkpoint(checkpoint) == checkpoint
+    run = tmp_path / "run"
+    older, newest, broken = run / "step-00000002", run / "step-00000003", run / "step-00000007"
+    for folder in (older, newest, broken):
+        shutil.copytree(checkpoint, folder)
+    biggest = max((p for p in broken.iterdir() if p.name != "index.json"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:-1])  # an upload cut short: the index says one more byte
+    assert resolve_checkpoint(str(run)) == str(newest)  # not step 7, which is incomplete
+    shutil.rmtree(older)
+    shutil.rmtree(newest)
+    with pytest.raises(CheckpointError, match="checkpoints are all incomplete \\(step-00000007\\)"):
+        resolve_checkpoint(str(run))
+    with pytest.raises(CheckpointError, match="nor a run folder"):
+        resolve_checkpoint(str(tmp_path))
 
 
 def test_eval_data_scores_all_of_it_and_prints_no_ray_data_progress(checkpoint, tmp_path):

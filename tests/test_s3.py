@@ -83,6 +83,42 @@ def test_missing_bucket_refused_before_anything_starts(s3_stack):
         s3.check_writable(Location("s3://no-such-bucket/x"))
 
 
+def test_a_run_prefix_names_its_newest_checkpoint_and_bad_uris_say_what_to_fix(s3_run, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moe_ray.storage.catalog import resolve_checkpoint
+
+    newest = f"s3://{BUCKET}/runs/s3run/step-00000004"
+    assert resolve_checkpoint(f"s3://{BUCKET}/runs/s3run") == newest
+    assert resolve_checkpoint(f"s3://{BUCKET}/runs/s3run/step-00000002").endswith("step-00000002")
+    with pytest.raises(ckpt.CheckpointError, match="nor a run folder"):
+        resolve_checkpoint(f"s3://{BUCKET}/runs/no-such-run")
+    with pytest.raises(s3.StorageError, match="bucket 'no-such-bucket' does not exist"):
+        resolve_checkpoint("s3://no-such-bucket/runs/s3run")
+    with pytest.raises(s3.StorageError, match=f"s3://{BUCKET}/no-such.json does not exist"):
+        s3.read_bytes(Location(f"s3://{BUCKET}/no-such.json"))
+    # The command line says it in one line, no traceback, and exits 1.
+    cli = Path(sys.executable).parent / "moe-ray"
+    out = subprocess.run(
+        [str(cli), "checkpoints", "s3run", "--storage", "s3://no-such-bucket/runs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: bucket 'no-such-bucket' does not exist (create it, or fix the s3:// URI)"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the credentials it found first
+    with pytest.raises(s3.StorageError, match="no AWS credentials for s3://.*: set AWS_ACCESS_KEY_ID"):
+        resolve_checkpoint(newest)
+
+
 def test_prune_keeps_newest_complete(s3_run):
     job, _ = s3_run
     copy_run("s3prune", lambda key: "/step-" in key)

@@ -17,6 +17,7 @@ from moe_ray.inference import load_model, path_named_by
 @dataclass
 class ExportResult:
     folder: Path
+    checkpoint: str  # the one read: the one given, or a given run folder's newest
     step: int
     config: dict
     shards: int
@@ -40,7 +41,7 @@ def export_checkpoint(
     text = byte_tokenizer_json() if spec == "bytes" else read_tokenizer_json(spec)
     provenance = {
         "exported_by": "moe-ray",
-        "checkpoint": checkpoint,
+        "checkpoint": loaded.uri,
         "step": loaded.step,
         "job_name": job.name,
         "tokenizer": "bytes" if spec == "bytes" else "tokenizer.json",
@@ -55,4 +56,4 @@ def export_checkpoint(
         on_shard,
     )
     files = list(Path(out).glob("*.safetensors"))
-    return ExportResult(Path(out), loaded.step, config, len(files), sum(f.stat().st_size for f in files))
+    return ExportResult(Path(out), loaded.uri, loaded.step, config, len(files), sum(f.stat().st_size for f in files))

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 
 from moe_ray.storage import s3
-from moe_ray.storage.checkpoint import INDEX
+from moe_ray.storage.checkpoint import INDEX, CheckpointError
 from moe_ray.storage.location import Location
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
@@ -86,3 +86,25 @@ def prune(run: Location, keep: int) -> list[CheckpointInfo]:
     for c in doomed:
         delete_checkpoint(c)
     return doomed
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """The checkpoint that `uri` names: `uri` itself when it holds an index, and for a run's folder
+    (checkpoint.storage/RUN_NAME) its newest complete checkpoint, so that nothing downloads a
+    whole run to find one."""
+    loc = Location(uri)
+    if s3.exists(loc.child(INDEX)) if loc.is_s3 else (loc.local_path / INDEX).is_file():
+        return uri
+    ckpts = list_checkpoints(loc)
+    complete = [c for c in ckpts if c.complete]
+    if complete:
+        return str(complete[-1].location)
+    if ckpts:
+        raise CheckpointError(
+            f"{uri} is a run folder whose checkpoints are all incomplete ({', '.join(c.name for c in ckpts)}): "
+            "none can be loaded"
+        )
+    raise CheckpointError(
+        f"{uri} is not a checkpoint folder (no {INDEX}) nor a run folder holding step-NNNNNNNN checkpoints: "
+        "pass checkpoint.storage/RUN_NAME/step-NNNNNNNN, or the run folder for its newest checkpoint"
+    )

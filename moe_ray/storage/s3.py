@@ -3,6 +3,7 @@ deleting a run's checkpoint objects, and reading small files (a tokenizer)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 from moe_ray.storage.location import Location, s3_endpoint, s3_region
@@ -18,29 +19,48 @@ def client():
     return boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
 
 
-def check_writable(loc: Location) -> None:
-    """Refuse a job early when its bucket is missing or not writable with these credentials."""
+@contextlib.contextmanager
+def storage_errors(loc: Location, doing: str):
+    """S3 failures as a StorageError naming `loc` and what to fix, not a botocore traceback.
+    `doing`: what was attempted, e.g. "read" or "write to"."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    s3 = client()
-    probe = "/".join(p for p in (loc.prefix, f".moe-ray-write-check-{uuid.uuid4().hex}") if p)
     try:
-        s3.head_bucket(Bucket=loc.bucket)
-        s3.put_object(Bucket=loc.bucket, Key=probe, Body=b"ok")
-        s3.delete_object(Bucket=loc.bucket, Key=probe)
+        yield
     except NoCredentialsError:
         raise StorageError(
             f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)"
         ) from None
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "?")
-        if code in ("404", "NoSuchBucket"):
-            raise StorageError(f"bucket {loc.bucket!r} does not exist (create it, or fix checkpoint.storage)") from None
-        if code in ("403", "AccessDenied"):
-            raise StorageError(f"no write access to {loc}: check the credentials' permissions") from None
-        raise StorageError(f"cannot write to {loc}: {code}") from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"bucket {loc.bucket!r} does not exist (create it, or fix the s3:// URI)") from None
+        if code in ("404", "NoSuchKey"):
+            raise StorageError(f"{loc} does not exist") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise StorageError(f"cannot {doing} {loc}: access denied ({code}); check the credentials") from None
+        raise StorageError(f"cannot {doing} {loc}: {code}") from None
     except BotoCoreError as err:
         raise StorageError(f"cannot reach S3 for {loc} (endpoint {s3_endpoint() or 'AWS'}): {err}") from None
+
+
+def check_writable(loc: Location) -> None:
+    """Refuse a job early when its bucket is missing or not writable with these credentials."""
+    from botocore.exceptions import ClientError
+
+    s3 = client()
+    probe = "/".join(p for p in (loc.prefix, f".moe-ray-write-check-{uuid.uuid4().hex}") if p)
+    with storage_errors(loc, "write to"):
+        try:
+            s3.head_bucket(Bucket=loc.bucket)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "404":  # a HEAD has no body to say NoSuchBucket
+                raise StorageError(
+                    f"bucket {loc.bucket!r} does not exist (create it, or fix checkpoint.storage)"
+                ) from None
+            raise
+        s3.put_object(Bucket=loc.bucket, Key=probe, Body=b"ok")
+        s3.delete_object(Bucket=loc.bucket, Key=probe)
 
 
 def list_objects(loc: Location) -> list[dict]:
@@ -48,18 +68,55 @@ def list_objects(loc: Location) -> list[dict]:
     s3 = client()
     prefix = loc.prefix + "/" if loc.prefix else ""
     out = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-        out.extend({"Key": o["Key"], "Size": o["Size"]} for o in page.get("Contents", []))
+    with storage_errors(loc, "list"):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            out.extend({"Key": o["Key"], "Size": o["Size"]} for o in page.get("Contents", []))
     return out
 
 
 def delete_prefix(loc: Location) -> int:
     s3 = client()
     keys = [o["Key"] for o in list_objects(loc)]
-    for i in range(0, len(keys), 1000):
-        s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+    with storage_errors(loc, "delete"):
+        for i in range(0, len(keys), 1000):
+            s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
     return len(keys)
 
 
 def read_bytes(loc: Location) -> bytes:
-    return client().get_object(Bucket=loc.bucket, Key=loc.prefix)["Body"].read()
+    data = read_if_exists(loc)
+    if data is None:
+        raise StorageError(f"{loc} does not exist")
+    return data
+
+
+def _missing(err) -> bool:
+    # A GET says NoSuchKey; a HEAD has no body and says only 404.
+    return err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey")
+
+
+def read_if_exists(loc: Location) -> bytes | None:
+    """The object's bytes, or None when there is no such object (its bucket must exist)."""
+    from botocore.exceptions import ClientError
+
+    with storage_errors(loc, "read"):
+        try:
+            return client().get_object(Bucket=loc.bucket, Key=loc.prefix)["Body"].read()
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+
+
+def exists(loc: Location) -> bool:
+    """Whether `loc` is an object (not a prefix). A missing bucket reads as a missing object."""
+    from botocore.exceptions import ClientError
+
+    with storage_errors(loc, "read"):
+        try:
+            client().head_object(Bucket=loc.bucket, Key=loc.prefix)
+        except ClientError as err:
+            if _missing(err):
+                return False
+            raise
+    return True

@@ -198,14 +198,9 @@ def read_manifest(uri: str) -> dict | None:
     """The manifest at `uri`, or None when there is none (not a dataset, or not complete)."""
     loc = Location(uri)
     if loc.is_s3:
-        from botocore.exceptions import ClientError
-
-        try:
-            text = s3.read_bytes(loc.child(MANIFEST))
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
-                return None
-            raise
+        text = s3.read_if_exists(loc.child(MANIFEST))
+        if text is None:
+            return None
     else:
         path = loc.local_path / MANIFEST
         if not path.is_file():
