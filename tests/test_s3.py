@@ -165,6 +165,7 @@ def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_p
     import numpy as np
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    from moe_ray.data import DataError
     from moe_ray.runtime.prepare import prepare
     from moe_ray.spec import DataConfig
     from moe_ray.storage.token_shards import BlockCache, open_dataset
@@ -175,6 +176,13 @@ def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_p
         Bucket=BUCKET, Key="data/corpus.jsonl", Body="\n".join(json.dumps({"text": d}) for d in docs).encode()
     )
     out = f"s3://{BUCKET}/prepared/bytes"
+    # A source with no object at or below it is named before Ray Data is asked (a prefix of a
+    # key, data/corpus, is not a folder holding it).
+    for missing in ("data/corpus", "data/corpus.jsonl/x", "no-such-corpus/"):
+        with pytest.raises(DataError, match=f"data.source 's3://{BUCKET}/{missing}' does not exist"):
+            prepare(DataConfig(source=f"s3://{BUCKET}/{missing}", format="jsonl"), out)
+    prepare(DataConfig(source=f"s3://{BUCKET}/data", format="jsonl", val_every_nth_doc=4), f"{out}-folder")
+    assert ": 12 documents" in open_dataset(f"{out}-folder").description
     prepare(DataConfig(source=f"s3://{BUCKET}/data/corpus.jsonl", val_every_nth_doc=4), out, shard_tokens=100)
     assert open_dataset(out).val[:].tobytes().decode() == "".join(d + "\n" for i, d in enumerate(docs) if i % 4 == 3)
     train = open_dataset(out).train[:]

@@ -111,7 +111,10 @@ def tokenizer_vocab(tokenizer) -> int:
 def check_source(cfg: DataConfig, vocab_limit: int | None = None) -> None:
     """What can be known before reading: the source exists, its format, the tokenizer loads,
     has an end-of-text token and fits the model's vocabulary."""
-    if not cfg.source.startswith("s3://") and not Path(cfg.source).exists():
+    missing = (
+        not s3.holds_anything(Location(cfg.source)) if cfg.source.startswith("s3://") else not Path(cfg.source).exists()
+    )
+    if missing:
         raise DataError(f"data.source {cfg.source!r} does not exist")
     text_format(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)

@@ -120,3 +120,12 @@ def exists(loc: Location) -> bool:
                 return False
             raise
     return True
+
+
+def holds_anything(loc: Location) -> bool:
+    """Whether there is an object at `loc` or below it (one request or two, however many there are)."""
+    if exists(loc):
+        return True
+    with storage_errors(loc, "list"):
+        page = client().list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix + "/" if loc.prefix else "", MaxKeys=1)
+    return bool(page.get("Contents"))

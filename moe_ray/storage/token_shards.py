@@ -58,7 +58,7 @@ def check_new_location(out: str) -> None:
         raise DatasetError(f"{out} already holds a prepared dataset: give a new location (nothing was written)")
     loc = Location(out)
     if loc.is_s3:
-        if s3.list_objects(loc):
+        if s3.holds_anything(loc):
             raise DatasetError(f"{out} is not empty: give a new prefix (nothing was written)")
     elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
         raise DatasetError(f"{out} exists and is not empty: give a new folder (nothing was written)")
