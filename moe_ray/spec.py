@@ -9,10 +9,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from moe_ray.config import BalanceConfig, ModelConfig, Strict, TrainConfig
 from moe_ray.secrets import looks_secret_key, redact, secret_value_kind
@@ -41,9 +50,19 @@ class WorkerRange(Strict):
         return self
 
 
+def _worker_form(value: Any) -> str:
+    return "range" if isinstance(value, dict | WorkerRange) else "count"
+
+
+# Validated as the form the input has, so a problem is told once, as that form's problem.
+WorkerCount = Annotated[
+    Annotated[PositiveInt, Tag("count")] | Annotated[WorkerRange, Tag("range")], Discriminator(_worker_form)
+]
+
+
 class ResourcesConfig(Strict):
     # A fixed count, or {min, max}: Ray Train's elastic mode grows and shrinks the group.
-    workers: PositiveInt | WorkerRange = 2
+    workers: WorkerCount = 2
     # auto: one GPU per worker when the cluster has GPUs, else CPU workers.
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -187,10 +206,28 @@ def _problems_of_cross_checks(messages: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
-    out = []
+def _dotted_path(loc: tuple, data: Any, missing: bool) -> str:
+    """An error's path as the job file spells it: pydantic's loc without the tags it adds for a
+    member of a union or an after-validator (steps that are no key of the input)."""
+    parts, node = [], data
+    for i, step in enumerate(loc):
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif missing and i == len(loc) - 1:
+            node = None  # the required key that is not there
+        else:
+            continue
+        parts.append(str(step))
+    return ".".join(parts) or "(job)"
+
+
+def _problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    at: dict[str, int] = {}  # path -> its entry in out
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(job)"
+        path = _dotted_path(e["loc"], data, e["type"] == "missing")
         msg = e["msg"].removeprefix("Value error, ")
         if path == "(job)":
             out += _problems_of_cross_checks(msg.split("; "))
@@ -199,7 +236,11 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown key (check the spelling; see jobs/ for the allowed keys)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        out.append((path, msg))
+        if path in at:  # each member of a union failed on the same value: one problem, "or" between
+            out[at[path]] = (path, f"{out[at[path]][1]}; or {msg}")
+        else:
+            at[path] = len(out)
+            out.append((path, msg))
     return out
 
 
@@ -209,7 +250,7 @@ def parse_job(data: dict[str, Any], source: str = "job") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        problems = _problems(err)
+        problems = _problems(err, data)
         if any(e["loc"] for e in err.errors()):  # a section failed, so the job-level checks never ran
             problems += _problems_of_cross_checks(cross_section_problems(_valid_sections(data)))
         raise JobSpecError(source, problems) from None

@@ -103,6 +103,39 @@ def test_cross_field_problems_named_by_path(override, path):
     assert path in [p for p, _ in err.value.problems], err.value.problems
 
 
+@pytest.mark.parametrize(
+    "override, problems",
+    [
+        ("resources.workers=0", [("resources.workers", "Input should be greater than 0 (got 0)")]),
+        ("resources.workers={min: 0, max: 3}", [("resources.workers.min", "Input should be greater than 0 (got 0)")]),
+        ("resources.workers={min: 2}", [("resources.workers.max", "Field required")]),
+        (
+            "resources.workers={min: 2, max: 3, mx: 4}",
+            [("resources.workers.mx", "unknown key (check the spelling; see jobs/ for the allowed keys)")],
+        ),
+        (
+            "resources.workers={min: 3, max: 2}",
+            [("resources.workers", "resources.workers.min=3 exceeds resources.workers.max=2")],
+        ),
+        (
+            "resources.use_gpu=maybe",
+            [
+                (
+                    "resources.use_gpu",
+                    "Input should be a valid boolean, unable to interpret input (got 'maybe'); "
+                    "or Input should be 'auto' (got 'maybe')",
+                )
+            ],
+        ),
+    ],
+)
+def test_a_value_of_a_union_is_one_problem_at_the_path_the_file_spells(override, problems):
+    """Not one problem per union member, under pydantic's tags (workers.constrained-int, ...)."""
+    with pytest.raises(JobSpecError) as err:
+        load_job(next(p for p in JOBS if p.stem == "quickstart"), [override])
+    assert err.value.problems == problems
+
+
 def test_a_section_error_and_a_cross_section_error_are_reported_together():
     quickstart = next(p for p in JOBS if p.stem == "quickstart")
     overrides = ["model.n_heads=5", "resources.workers=3", "resources.ep_size=2", "train.seq_len=100000"]
