@@ -121,7 +121,7 @@ def checkpoints(
     storage: Annotated[
         str, typer.Option(help="checkpoint.storage of the job (folder or s3://bucket/prefix).")
     ] = "./runs",
-    prune: Annotated[int | None, typer.Option(help="Delete all but the newest N complete checkpoints.")] = None,
+    prune: Annotated[int | None, typer.Option(min=0, help="Delete all but the newest N complete checkpoints.")] = None,
 ) -> None:
     """List a run's checkpoints with step and size (and prune old ones)."""
     from moe_ray.storage.catalog import list_checkpoints, run_location
@@ -145,7 +145,7 @@ def checkpoints(
 @app.command()
 def scale(
     run: Annotated[str, typer.Argument(help="A local run name, or the submission id of a submitted job.")],
-    workers: Annotated[int, typer.Option(help="The worker count to continue with.")],
+    workers: Annotated[int, typer.Option(min=1, help="The worker count to continue with.")],
     address: Annotated[
         str | None, typer.Option(help="For a submitted job: the Ray dashboard (http://HEAD:8265).")
     ] = None,
@@ -218,7 +218,7 @@ def prepare(
     text_field: Annotated[str, typer.Option(help="The JSONL field / Parquet column holding the text.")] = "text",
     val_every_nth_doc: Annotated[int, typer.Option(help="Every n-th document goes to validation.")] = 20,
     max_bytes: Annotated[int | None, typer.Option(help="Read at most this much text (default: all).")] = None,
-    shard_tokens: Annotated[int | None, typer.Option(help="Tokens per shard file (default 2^28).")] = None,
+    shard_tokens: Annotated[int | None, typer.Option(min=1, help="Tokens per shard file (default 2^28).")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to run on (default: an embedded local Ray).")] = None,
 ) -> None:
     """Tokenise a corpus once into token shards that runs read by position (data.source: OUT)."""
@@ -280,7 +280,8 @@ def eval_checkpoint(
     ] = None,
     tokenizer: TokenizerOpt = None,
     batches: Annotated[
-        int | None, typer.Option(help="At most this many batches (default: the job's eval_batches; all of --data).")
+        int | None,
+        typer.Option(min=1, help="At most this many batches (default: the job's eval_batches; all of --data)."),
     ] = None,
 ) -> None:
     """Validation loss, perplexity, MaxVio_global per layer and tokens/s of a checkpoint."""
@@ -324,16 +325,17 @@ def eval_checkpoint(
 def generate(
     checkpoint: CheckpointArg,
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to add.")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Tokens to add.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k most likely tokens (0: all).")] = 40,
     seed: Annotated[int, typer.Option(help="The same seed gives the same text.")] = 0,
     tokenizer: TokenizerOpt = None,
     speculative: Annotated[
         bool, typer.Option("--speculative", help="Draft tokens with the MTP modules; the main model verifies them.")
     ] = False,
     draft_tokens: Annotated[
-        int | None, typer.Option(help="Tokens drafted per round with --speculative (default: the MTP depth).")
+        int | None,
+        typer.Option(min=1, help="Tokens drafted per round with --speculative (default: the MTP depth)."),
     ] = None,
 ) -> None:
     """Continue a prompt with a trained model (KV cache, the trained routing bias)."""
@@ -384,7 +386,7 @@ def export(
     out: Annotated[str, typer.Argument(help="A new folder for the Hugging Face model.")],
     tokenizer: TokenizerOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16 (half the size).")] = "float32",
-    max_shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard.")] = 5000,
+    max_shard_mb: Annotated[int, typer.Option(min=1, help="Largest safetensors shard, in MiB.")] = 5000,
 ) -> None:
     """Write a checkpoint as a Hugging Face glm4_moe model (transformers, vLLM)."""
     from moe_ray.hf.export import export_checkpoint

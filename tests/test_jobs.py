@@ -204,3 +204,29 @@ def test_validate_warns_when_node_and_group_limits_can_leave_a_token_short(tmp_p
     assert "moe.topk_group or moe.max_nodes_per_token" in out
     ok = CliRunner().invoke(app, ["validate", str(path), "--set", "resources.workers=2"]).output
     assert "warning" not in ok, ok
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["generate", "CKPT", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["generate", "CKPT", "--prompt", "x", "--top-k", "-2"], "--top-k"),
+        (["generate", "CKPT", "--prompt", "x", "--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["generate", "CKPT", "--prompt", "x", "--speculative", "--draft-tokens", "0"], "--draft-tokens"),
+        (["eval", "CKPT", "--batches", "0"], "--batches"),
+        (["export", "CKPT", "OUT", "--max-shard-mb", "0"], "--max-shard-mb"),
+        (["checkpoints", "RUN", "--prune", "-1"], "--prune"),
+        (["scale", "RUN", "--workers", "0"], "--workers"),
+        (["prepare", "builtin", "OUT", "--shard-tokens", "0"], "--shard-tokens"),
+    ],
+)
+def test_the_commands_refuse_a_number_out_of_range_before_doing_anything(args, option, tmp_path, monkeypatch):
+    """0 or a negative count used to mean the default (a falsy value), or one tensor per shard."""
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output, out.output
+    assert not list(tmp_path.iterdir())  # nothing written
