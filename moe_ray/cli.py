@@ -427,6 +427,15 @@ def _jobs_client(address: str):
         return client(address)
 
 
+def _submitted_job(address: str, submission_id: str):
+    """(a Jobs API client, the job's details); a one-line error when the cluster has no such job."""
+    from moe_ray.submit import SubmitError, job_info
+
+    jobs = _jobs_client(address)
+    with exit_on(SubmitError):
+        return jobs, job_info(jobs, address, submission_id)
+
+
 @app.command()
 def submit(
     job_file: str,
@@ -451,7 +460,7 @@ def submit(
 @app.command()
 def status(submission_id: str, address: AddressOpt = "http://127.0.0.1:8265") -> None:
     """The state of a submitted job."""
-    info = _jobs_client(address).get_job_info(submission_id)
+    _, info = _submitted_job(address, submission_id)
     meta = info.metadata or {}
     typer.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
     typer.echo(f"  run {meta.get('moe_ray.run', '?')}, MLflow run {meta.get('mlflow_run_id') or '-'}")
@@ -464,7 +473,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
 ) -> None:
     """The driver log of a submitted job."""
-    jobs = _jobs_client(address)
+    jobs, _ = _submitted_job(address, submission_id)
     if not follow:
         typer.echo(jobs.get_job_logs(submission_id), nl=False)
         return
@@ -481,7 +490,8 @@ def logs(
 @app.command()
 def stop(submission_id: str, address: AddressOpt = "http://127.0.0.1:8265") -> None:
     """Stop a submitted job."""
-    stopped = _jobs_client(address).stop_job(submission_id)
+    jobs, _ = _submitted_job(address, submission_id)
+    stopped = jobs.stop_job(submission_id)
     typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 

@@ -55,6 +55,16 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
 
 
+def job_info(jobs, address: str, submission_id: str):
+    """The submitted job's details from the Jobs client `jobs`; SubmitError when there is no such job."""
+    try:
+        return jobs.get_job_info(submission_id)
+    except Exception as err:
+        raise SubmitError(
+            f"no job {submission_id} at {address} (`moe-ray list --address {address}` lists them): {_first_line(err)}"
+        ) from None
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -131,10 +141,7 @@ def control_submitted(address: str, submission_id: str, command: str, *args: str
     """Send `moe-ray scale` or `rebalance` to the coordinator of a submitted job, from a small
     job in its cluster (the coordinator is reachable only from inside). Returns that job's id."""
     jobs = client(address)
-    try:
-        info = jobs.get_job_info(submission_id)
-    except Exception as err:
-        raise SubmitError(f"no job {submission_id} at {address}: {_first_line(err)}") from None
+    info = job_info(jobs, address, submission_id)
     run_name = (info.metadata or {}).get("moe_ray.run")
     if not run_name:
         raise SubmitError(f"{submission_id} is not a moe-ray job")

@@ -89,6 +89,14 @@ def test_jobs_api_refuses_a_client_without_the_token(ray_head):
     assert err.value.code in (401, 403)
 
 
+def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        out = cli(*command, "no-such-job", "--address", ray_head, check=False, timeout=120)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert out.stderr.startswith(f"error: no job no-such-job at {ray_head} (`moe-ray list"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     # A job that finishes.
     out = cli("submit", str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri)), "--address", ray_head).stdout
