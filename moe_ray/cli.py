@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Annotated
 
 import typer
 
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpecError, check_run_name, dump_job, load_job
+from moe_ray.spec import NAME_PATTERN, JobSpecError, check_run_name, dump_job, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train DeepSeek-style MoE models on Ray.")
 
@@ -128,6 +129,14 @@ def checkpoints(
     from moe_ray.storage.catalog import prune as prune_run
     from moe_ray.storage.s3 import StorageError
 
+    parent, _, name = run_name.rstrip("/").rpartition("/")
+    if parent and re.fullmatch(NAME_PATTERN, name):  # a run's folder given for its name
+        typer.echo(
+            f"error: RUN_NAME {run_name!r} is not a valid run name but a path: "
+            f"moe-ray checkpoints {name} --storage {parent}",
+            err=True,
+        )
+        raise typer.Exit(2)
     run = run_location(storage, _run_name(run_name, "RUN_NAME"))
     with exit_on(StorageError):
         if prune is not None:

@@ -54,6 +54,13 @@ def test_run_names_with_shell_syntax_are_refused_before_any_cluster(argv):
     assert not ray.is_initialized()
 
 
+def test_a_run_folder_given_for_a_run_name_gets_the_command_that_lists_it():
+    out = CliRunner().invoke(app, ["checkpoints", "s3://bucket/runs/quick-1/"])
+    assert out.exit_code == 2 and "moe-ray checkpoints quick-1 --storage s3://bucket/runs" in out.output, out.output
+    out = CliRunner().invoke(app, ["checkpoints", BAD_NAME])  # no command suggested from a name that breaks the rule
+    assert out.exit_code == 2 and "moe-ray checkpoints" not in out.output and "is not a valid run name" in out.output
+
+
 def test_cluster_command_lines_quote_their_arguments():
     from moe_ray.submit import control_entrypoint, run_entrypoint
 
