@@ -392,12 +392,14 @@ def generate(
 @app.command()
 def export(
     checkpoint: CheckpointArg,
-    out: Annotated[str, typer.Argument(help="A new folder for the Hugging Face model.")],
+    out: Annotated[
+        str, typer.Argument(help="A new folder for the Hugging Face model, or an s3://bucket/prefix holding nothing.")
+    ],
     tokenizer: TokenizerOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16 (half the size).")] = "float32",
     max_shard_mb: Annotated[int, typer.Option(min=1, help="Largest safetensors shard, in MiB.")] = 5000,
 ) -> None:
-    """Write a checkpoint as a Hugging Face glm4_moe model (transformers, vLLM)."""
+    """Write a checkpoint as a Hugging Face glm4_moe model (transformers, vLLM), locally or to S3."""
     from moe_ray.hf.export import export_checkpoint
     from moe_ray.hf.folder import DTYPES
     from moe_ray.hf.layout import LayoutError
@@ -415,14 +417,23 @@ def export(
             dtype,
             max_shard_mb * 2**20,
             on_shard=lambda i, n: typer.echo(f"  shard {i}/{n} written", err=True),
+            on_upload=lambda i, n: typer.echo(f"  file {i}/{n} uploaded", err=True),
         )
     mtp = result.config["num_nextn_predict_layers"]
+    speculative = f' --speculative-config \'{{"method": "mtp", "num_speculative_tokens": {mtp}}}\'' if mtp else ""
+    if out.startswith("s3://"):  # vLLM streams it from S3; transformers reads a local copy
+        how = (
+            f"  vLLM:         vllm serve {out} --load-format runai_streamer{speculative}\n"
+            f"  transformers: copy it to a folder first (aws s3 sync {out} ./model), then from_pretrained('./model')"
+        )
+    else:
+        how = (
+            f"  transformers: AutoModelForCausalLM.from_pretrained({out!r})\n"
+            f"  vLLM:         vllm serve {out}{speculative}"
+        )
     typer.echo(
         f"exported step {result.step} of {result.checkpoint} to {out}: {result.shards} shard(s), "
-        f"{result.bytes / 2**20:.1f} MB, glm4_moe {dtype}\n"
-        f"  transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-        f"  vLLM:         vllm serve {out}"
-        + (f' --speculative-config \'{{"method": "mtp", "num_speculative_tokens": {mtp}}}\'' if mtp else "")
+        f"{result.bytes / 2**20:.1f} MB, glm4_moe {dtype}\n{how}"
     )
 
 

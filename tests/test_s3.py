@@ -306,3 +306,40 @@ def test_export_reads_a_2_worker_checkpoint_from_s3(s3_run, tmp_path):
     weights = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     last = job.model.moe.n_routed_experts - 1  # written by the second worker
     assert f"model.layers.1.mlp.experts.{last}.down_proj.weight" in weights
+
+
+def test_export_to_s3_uploads_the_local_files_config_last_and_a_failed_upload_leaves_nothing(
+    s3_run, s3_proxy, tmp_path
+):
+    from moe_ray.hf.export import export_checkpoint
+    from moe_ray.hf.layout import LayoutError
+
+    run = f"s3://{BUCKET}/runs/s3run"  # its newest checkpoint
+    dest = Location(f"s3://{BUCKET}/hf/model")
+    local = export_checkpoint(run, tmp_path / "hf", max_shard_bytes=100_000)
+    config_there = []  # at each upload, whether readers would already see a model
+    remote = export_checkpoint(
+        run,
+        str(dest),
+        max_shard_bytes=100_000,
+        on_upload=lambda i, n: config_there.append(s3.exists(dest.child("config.json"))),
+    )
+    assert (remote.step, remote.shards, remote.bytes) == (local.step, local.shards, local.bytes) and local.shards > 1
+    assert config_there == [False] * (len(config_there) - 1) + [True]
+    client = boto3.client("s3")
+    objects = {o["Key"].removeprefix("hf/model/"): o["Key"] for o in s3.list_objects(dest)}
+    assert sorted(objects) == sorted(p.name for p in (tmp_path / "hf").iterdir()) and len(objects) == len(config_there)
+    for name, key in objects.items():
+        assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == (tmp_path / "hf" / name).read_bytes(), name
+    # A prefix that holds anything is refused before the checkpoint is read.
+    with pytest.raises(LayoutError, match="is not empty: give a new prefix"):
+        export_checkpoint(f"{run}/no-such-checkpoint", str(dest))
+    # An upload that fails for good (the last file, config.json) takes the uploaded shards with it.
+    broken = Location(f"s3://{BUCKET}/hf/broken")
+    s3_proxy.fail("/hf/broken/config.json", count=10_000)
+    try:
+        with pytest.raises(s3.StorageError, match="InternalError"):
+            export_checkpoint(run, str(broken), max_shard_bytes=100_000)
+    finally:
+        s3_proxy.fail("", 0)
+    assert s3_proxy.failed and s3.list_objects(broken) == []

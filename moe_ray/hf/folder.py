@@ -52,6 +52,31 @@ def _shard_plan(tensors: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: 
     return shards
 
 
+def refuse_nonempty(out: str) -> None:
+    """A model is written only where nothing is: a new folder, or an S3 prefix holding nothing."""
+    loc = Location(out)
+    if loc.is_s3:
+        if s3.holds_anything(loc):
+            raise LayoutError(f"{out} is not empty: give a new prefix (nothing was written)")
+    elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
+        raise LayoutError(f"{out} already exists and is not empty: give a new folder (nothing was written)")
+
+
+def upload_folder(folder: Path, out: Location, on_file: Callable[[int, int], None] | None = None) -> None:
+    """Upload a written model folder to the S3 prefix `out`, config.json last: until it is there,
+    readers (transformers, vLLM, `init_from`) see no model. A failed upload deletes what it wrote."""
+    files = sorted((p for p in folder.iterdir() if p.name != CONFIG), key=lambda p: p.name) + [folder / CONFIG]
+    try:
+        for i, path in enumerate(files, start=1):
+            s3.upload_file(path, out.child(path.name))
+            if on_file:
+                on_file(i, len(files))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            s3.delete_prefix(out)
+        raise
+
+
 def write_folder(
     model: MoETransformer,
     out: Path,
@@ -65,8 +90,7 @@ def write_folder(
     Everything goes to a sibling temporary folder first, renamed into place at the end: an
     interrupted export leaves nothing that looks like a model. Returns the config written."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LayoutError(f"{out} already exists and is not empty: give a new folder (nothing was written)")
+    refuse_nonempty(str(out))
     config = hf_config(model.cfg, dtype)
     torch_dtype = DTYPES[dtype]
     tensors = list(hf_tensors(model))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from pathlib import Path
 
 from moe_ray.storage.location import Location, s3_endpoint, s3_region
 
@@ -23,6 +24,7 @@ def client():
 def storage_errors(loc: Location, doing: str):
     """S3 failures as a StorageError naming `loc` and what to fix, not a botocore traceback.
     `doing`: what was attempted, e.g. "read" or "write to"."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
@@ -31,8 +33,9 @@ def storage_errors(loc: Location, doing: str):
         raise StorageError(
             f"no AWS credentials for {loc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)"
         ) from None
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "?")
+    except (ClientError, S3UploadFailedError) as err:
+        cause = err if isinstance(err, ClientError) else err.__context__  # an upload wraps the ClientError
+        code = cause.response.get("Error", {}).get("Code", "?") if isinstance(cause, ClientError) else str(err)
         if code == "NoSuchBucket":
             raise StorageError(f"bucket {loc.bucket!r} does not exist (create it, or fix the s3:// URI)") from None
         if code in ("404", "NoSuchKey"):
@@ -81,6 +84,16 @@ def delete_prefix(loc: Location) -> int:
         for i in range(0, len(keys), 1000):
             s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
     return len(keys)
+
+
+def upload_file(path: Path, loc: Location) -> None:
+    with storage_errors(loc, "write to"):
+        client().upload_file(str(path), loc.bucket, loc.prefix)
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    with storage_errors(loc, "write to"):
+        client().put_object(Bucket=loc.bucket, Key=loc.prefix, Body=data)
 
 
 def read_bytes(loc: Location) -> bytes:

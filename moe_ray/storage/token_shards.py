@@ -146,7 +146,7 @@ class DatasetWriter:
 
     def _publish(self, name: str) -> None:
         if self.loc.is_s3:  # upload now and free the local disk
-            s3.client().upload_file(str(self.staging / name), self.loc.bucket, self.loc.child(name).prefix)
+            s3.upload_file(self.staging / name, self.loc.child(name))
             (self.staging / name).unlink()
 
     def add_file(self, name: str, data: bytes) -> None:
@@ -164,7 +164,7 @@ class DatasetWriter:
         }
         text = json.dumps(manifest, indent=2)
         if self.loc.is_s3:
-            s3.client().put_object(Bucket=self.loc.bucket, Key=self.loc.child(MANIFEST).prefix, Body=text.encode())
+            s3.write_bytes(self.loc.child(MANIFEST), text.encode())
             shutil.rmtree(self.staging, ignore_errors=True)
         else:
             (self.staging / MANIFEST).write_text(text)
