@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from moe_ray.hf.folder import refuse_nonempty, upload_folder, write_folder
-from moe_ray.hf.layout import require_exportable
+from moe_ray.hf.folder import upload_folder, write_folder
+from moe_ray.hf.layout import LayoutError, require_exportable
 from moe_ray.hf.tokenizer import byte_tokenizer_json, read_tokenizer_json, tokenizer_files
 from moe_ray.inference import load_model, path_named_by
-from moe_ray.storage.location import Location
+from moe_ray.storage.location import Location, refuse_occupied
 
 
 @dataclass
@@ -41,7 +41,7 @@ def export_checkpoint(
     holding nothing (written locally first, then uploaded). `tokenizer`: the job's tokenizer.json,
     when it did not use byte tokens (moe-ray never opens a path a checkpoint names)."""
     out, dest = str(out), Location(str(out))
-    refuse_nonempty(out)  # before the checkpoint is read
+    refuse_occupied(out, LayoutError)  # before the checkpoint is read
     loaded = load_model(checkpoint, torch.device("cpu"))
     job = loaded.job
     require_exportable(job.model)  # before the tokenizer is read

@@ -22,7 +22,7 @@ from moe_ray.hf.layout import LayoutError, Link, extra_tensors, from_hf, hf_conf
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage import s3
 from moe_ray.storage.checkpoint import assign
-from moe_ray.storage.location import Location, staging_sibling
+from moe_ray.storage.location import Location, refuse_occupied, staging_sibling
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -50,16 +50,6 @@ def _shard_plan(tensors: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: 
         shards[-1].append(i)
         size += n
     return shards
-
-
-def refuse_nonempty(out: str) -> None:
-    """A model is written only where nothing is: a new folder, or an S3 prefix holding nothing."""
-    loc = Location(out)
-    if loc.is_s3:
-        if s3.holds_anything(loc):
-            raise LayoutError(f"{out} is not empty: give a new prefix (nothing was written)")
-    elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
-        raise LayoutError(f"{out} already exists and is not empty: give a new folder (nothing was written)")
 
 
 def upload_folder(folder: Path, out: Location, on_file: Callable[[int, int], None] | None = None) -> None:
@@ -90,7 +80,7 @@ def write_folder(
     Everything goes to a sibling temporary folder first, renamed into place at the end: an
     interrupted export leaves nothing that looks like a model. Returns the config written."""
     out = Path(out)
-    refuse_nonempty(str(out))
+    refuse_occupied(str(out), LayoutError)
     config = hf_config(model.cfg, dtype)
     torch_dtype = DTYPES[dtype]
     tensors = list(hf_tensors(model))

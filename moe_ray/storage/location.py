@@ -64,6 +64,19 @@ class Location:
         return self.uri
 
 
+def refuse_occupied(out: str, error: type[Exception]) -> None:
+    """Raise `error` unless `out` holds nothing: a new or empty folder, or an S3 prefix with no
+    object at or below it. Writers that never overwrite check this before they start."""
+    loc = Location(out)
+    if loc.is_s3:
+        from moe_ray.storage import s3  # s3 builds on this module
+
+        if s3.holds_anything(loc):
+            raise error(f"{out} already exists and is not empty: give a new prefix (nothing was written)")
+    elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
+        raise error(f"{out} already exists and is not empty: give a new folder (nothing was written)")
+
+
 def staging_sibling(out: Path) -> Path:
     """A new hidden folder beside `out`, to be renamed to `out` once complete (so an interrupted
     write never leaves something that looks finished), with the permissions a plain mkdir gives:

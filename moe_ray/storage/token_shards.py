@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_ray.storage import s3
-from moe_ray.storage.location import Location, staging_sibling
+from moe_ray.storage.location import Location, refuse_occupied, staging_sibling
 
 MANIFEST = "manifest.json"
 FORMAT = "moe-ray-tokens"
@@ -56,12 +56,7 @@ def check_new_location(out: str) -> None:
     """Refuse a location that holds a dataset, or anything else: prepare never overwrites."""
     if read_manifest(out) is not None:
         raise DatasetError(f"{out} already holds a prepared dataset: give a new location (nothing was written)")
-    loc = Location(out)
-    if loc.is_s3:
-        if s3.holds_anything(loc):
-            raise DatasetError(f"{out} is not empty: give a new prefix (nothing was written)")
-    elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
-        raise DatasetError(f"{out} exists and is not empty: give a new folder (nothing was written)")
+    refuse_occupied(out, DatasetError)
 
 
 class SplitWriter:
