@@ -4,6 +4,8 @@ deleting a run's checkpoint objects, and reading small files (a tokenizer)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,10 +16,27 @@ class StorageError(Exception):
     """Storage that cannot be used; the message says what to fix."""
 
 
-def client():
-    import boto3
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
 
-    return boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+
+def client():
+    """The process's S3 client for the current endpoint, region and credentials settings. One
+    is shared: a client is thread-safe, but making one is not (boto3's default session) and costs
+    milliseconds, which the block reader's threads would otherwise pay per ranged GET."""
+    key = (
+        os.getpid(),
+        s3_endpoint(),
+        s3_region(),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_PROFILE"),
+    )
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+
+            _clients[key] = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+        return _clients[key]
 
 
 @contextlib.contextmanager
@@ -106,6 +125,12 @@ def read_bytes(loc: Location) -> bytes:
 def _missing(err) -> bool:
     # A GET says NoSuchKey; a HEAD has no body and says only 404.
     return err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey")
+
+
+def read_range(loc: Location, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the object (fewer at its end)."""
+    with storage_errors(loc, "read"):
+        return client().get_object(Bucket=loc.bucket, Key=loc.prefix, Range=f"bytes={start}-{stop - 1}")["Body"].read()
 
 
 def read_if_exists(loc: Location) -> bytes | None:

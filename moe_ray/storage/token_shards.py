@@ -223,13 +223,7 @@ class BlockCache:
 
     def _fetch(self, loc: Location, index: int) -> bytes:
         start = index * self.block_bytes
-        body = (
-            s3.client()
-            .get_object(Bucket=loc.bucket, Key=loc.prefix, Range=f"bytes={start}-{start + self.block_bytes - 1}")[
-                "Body"
-            ]
-            .read()
-        )
+        body = s3.read_range(loc, start, start + self.block_bytes)
         with self.lock:
             self.fetched_bytes += len(body)
             self.fetches += 1
