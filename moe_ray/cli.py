@@ -218,6 +218,21 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
         return ask()
 
 
+def _data_config(**fields):
+    """The data section that a command's arguments describe; a bad one exits 2 naming the option."""
+    from pydantic import ValidationError
+
+    from moe_ray.spec import DataConfig
+
+    try:
+        return DataConfig(**fields)
+    except ValidationError as err:
+        e = err.errors()[0]
+        name = "SOURCE" if e["loc"][0] == "source" else "--" + str(e["loc"][0]).replace("_", "-")
+        typer.echo(f"error: {name}: {e['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def prepare(
     source: Annotated[str, typer.Argument(help="Text, JSONL or Parquet (file or folder, local or s3://), or builtin.")],
@@ -233,26 +248,19 @@ def prepare(
     """Tokenise a corpus once into token shards that runs read by position (data.source: OUT)."""
     import time
 
-    from pydantic import ValidationError
-
     from moe_ray.console import follow_prepare
     from moe_ray.data import DataError
     from moe_ray.runtime.prepare import prepare as prepare_dataset
-    from moe_ray.spec import DataConfig
     from moe_ray.storage.s3 import StorageError
 
-    try:
-        cfg = DataConfig(
-            source=source,
-            format=format_,
-            text_field=text_field,
-            tokenizer=tokenizer,
-            val_every_nth_doc=val_every_nth_doc,
-            max_bytes=max_bytes,
-        )
-    except ValidationError as err:
-        typer.echo(f"error: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", err=True)
-        raise typer.Exit(2) from None
+    cfg = _data_config(
+        source=source,
+        format=format_,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        val_every_nth_doc=val_every_nth_doc,
+        max_bytes=max_bytes,
+    )
     start = time.monotonic()
     with exit_on(DataError, StorageError), follow_prepare() as on_progress:
         if address:
@@ -288,6 +296,12 @@ def eval_checkpoint(
         ),
     ] = None,
     tokenizer: TokenizerOpt = None,
+    format_: Annotated[
+        str | None, typer.Option("--format", help="With --data: auto (from the name), text, jsonl or parquet.")
+    ] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="With --data: the JSONL field / Parquet column (default: the job's).")
+    ] = None,
     batches: Annotated[
         int | None,
         typer.Option(min=1, help="At most this many batches (default: the job's eval_batches; all of --data)."),
@@ -300,6 +314,9 @@ def eval_checkpoint(
     from moe_ray.storage.checkpoint import CheckpointError
     from moe_ray.storage.s3 import StorageError
 
+    if data is None and (format_ or text_field):
+        typer.echo("error: --format and --text-field describe --data: give it too", err=True)
+        raise typer.Exit(2)
     with exit_on(CheckpointError, DataError, StorageError, ValueError):
         loaded = load_model(checkpoint)
         job = loaded.job
@@ -310,6 +327,10 @@ def eval_checkpoint(
                 "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
             }
         )
+        if data is not None:  # another text's format is its own: from its name unless given
+            data_cfg = _data_config(
+                **{**data_cfg.model_dump(), "format": format_ or "auto", "text_field": text_field or trained.text_field}
+            )
         tokens, description = eval_tokens(data_cfg, job.model.vocab_size, whole=data is not None)
         if data is None:  # the job's own validation set, as training evaluated it
             n = batches or job.train.eval_batches

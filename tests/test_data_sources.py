@@ -120,7 +120,16 @@ def test_bad_data_refused_with_a_clear_message_and_nothing_left(local_ray, corpu
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match="found 0 non-empty document"):
         prepare(DataConfig(source=str(tmp_path / "empty.txt")), str(out))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # no dataset, no staging folder
+    (tmp_path / "dumps").mkdir()
+    (tmp_path / "dumps" / "part-0.data").write_text('{"text": "a document"}\n')
+    with pytest.raises(DataError, match=r"no jsonl files in the folder .* named \*.json or \*.jsonl"):
+        prepare(DataConfig(source=str(tmp_path / "dumps"), format="jsonl"), str(out))
+    (tmp_path / "dumps" / "part-0.data").unlink()
+    (tmp_path / "dumps").rmdir()
+    (tmp_path / "tokenizer.json").write_text('{"model": ')  # cut short
+    with pytest.raises(DataError, match="tokenizer.json' is not a tokenizer.json that tokenizers can read: EOF"):
+        prepare(DataConfig(source=str(tmp_path / "empty.txt"), tokenizer=str(tmp_path / "tokenizer.json")), str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tokenizer.json"]  # no dataset, no staging
 
 
 def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp_path, monkeypatch):

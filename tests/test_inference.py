@@ -87,10 +87,13 @@ def test_eval_data_scores_all_of_it_and_prints_no_ray_data_progress(checkpoint, 
     import json
 
     docs = [f"def f{i}(x):\n    return x * {i}\n" * (i % 7 + 1) for i in range(120)]
-    path = tmp_path / "docs.jsonl"
+    path = tmp_path / "docs.export"  # a name that does not tell the format: --format does
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = subprocess.run(
-        [str(CLI), "eval", checkpoint, "--data", str(path)], capture_output=True, text=True, timeout=300
+        [str(CLI), "eval", checkpoint, "--data", str(path), "--format", "jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     n_tokens = sum(len(d.encode()) + 1 for d in docs)  # byte tokens, a newline after each document

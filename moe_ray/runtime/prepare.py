@@ -70,7 +70,11 @@ def load_tokenizer(spec: str):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(tokenizer_bytes(spec).decode("utf-8"))
+    data = tokenizer_bytes(spec)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:  # tokenizers raises a plain Exception; a binary file, UnicodeDecodeError
+        raise DataError(f"data.tokenizer {spec!r} is not a tokenizer.json that tokenizers can read: {err}") from None
 
 
 def tokenizer_bytes(spec: str) -> bytes:
@@ -240,14 +244,26 @@ def _read_text(cfg: DataConfig):
     ctx.execution_options.preserve_order = True  # the same documents in the same order every time
     ctx.raise_original_map_exception = True  # our DataError, not a UserCodeException around it
     fmt, src, kwargs = text_format(cfg), cfg.source, {"include_paths": True}
+    one_file = s3.exists(Location(src)) if src.startswith("s3://") else Path(src).is_file()
+    if one_file:  # read as the format says, whatever its name; in a folder, the files named so
+        kwargs["file_extensions"] = None
     if src.startswith("s3://"):
         kwargs["filesystem"] = Location(src).ray_storage()[1]
         src = src[5:]
-    if fmt == "text":
-        return ray.data.read_text(src, **kwargs), "text"
-    if fmt == "jsonl":
-        return ray.data.read_json(src, **kwargs), cfg.text_field  # pyarrow reads newline-delimited JSON
-    return ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs), cfg.text_field
+    try:
+        if fmt == "text":
+            return ray.data.read_text(src, **kwargs), "text"
+        if fmt == "jsonl":
+            return ray.data.read_json(src, **kwargs), cfg.text_field  # pyarrow reads newline-delimited JSON
+        return ray.data.read_parquet(src, columns=[cfg.text_field], **kwargs), cfg.text_field
+    except ValueError as err:
+        if "No input files found" not in str(err):
+            raise
+        names = "*.json or *.jsonl" if fmt == "jsonl" else "*.parquet"  # text: any name
+        raise DataError(
+            f"data.source {cfg.source!r}: no {fmt} files in the folder (in a folder, those named {names} are "
+            "read): rename them to match"
+        ) from None
 
 
 # Retried if its node dies: a retry clears what the failed attempt wrote and starts over. No CPU
