@@ -178,8 +178,7 @@ def rebalance(
         str | None, typer.Option(help="For a submitted job: the Ray dashboard (http://HEAD:8265).")
     ] = None,
 ) -> None:
-    """Place a running run's experts by their recent load so every worker gets about as many
-    tokens: it finishes its step, checkpoints, and continues with the new placement."""
+    """Place a running run's experts by recent load, for even tokens per worker; it checkpoints and continues."""
     from moe_ray.runtime.driver import request_rebalance
 
     out = _control_run(run, address, "rebalance", [], lambda: request_rebalance(run))
