@@ -250,6 +250,7 @@ def prepare(
     from moe_ray.console import follow_prepare
     from moe_ray.data import DataError
     from moe_ray.runtime.prepare import prepare as prepare_dataset
+    from moe_ray.runtime.prepare import text_rate
     from moe_ray.storage.s3 import StorageError
 
     cfg = _data_config(
@@ -273,7 +274,7 @@ def prepare(
     typer.echo(
         f"prepared {source} into {out} in {seconds:.1f} s: {train['documents'] + val['documents']:,} documents, "
         f"{train['tokens']:,} train / {val['tokens']:,} val tokens ({manifest['dtype']}, "
-        f"{len(train['shards']) + len(val['shards'])} shards), {manifest['text_bytes'] / 1e6 / seconds:.1f} MB/s\n"
+        f"{len(train['shards']) + len(val['shards'])} shards), {text_rate(manifest['text_bytes'], seconds)}\n"
         f"  use it in a job: data.source: {out}"
         + ("" if tokenizer == "bytes" else f" and data.tokenizer: {out.rstrip('/')}/tokenizer.json")
     )

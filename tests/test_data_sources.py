@@ -179,4 +179,7 @@ def test_prepare_progress_lines_off_a_terminal(capsys):
 
     with follow_prepare(interactive=False, every_s=0) as report:
         report({"documents": 1200, "text_bytes": 5_000_000, "tokens": 5_001_200, "seconds": 2.0})
-    assert "preparing: 1,200 documents, 5.0 MB of text, 5,001,200 tokens (2.5 MB/s)" in capsys.readouterr().err
+        report({"documents": 12, "text_bytes": 60_000, "tokens": 60_012, "seconds": 5.0})  # slower than 0.1 MB/s
+    err = capsys.readouterr().err
+    assert "preparing: 1,200 documents, 5.0 MB of text, 5,001,200 tokens (2.5 MB/s)" in err
+    assert "preparing: 12 documents, 0.1 MB of text, 60,012 tokens (0.012 MB/s)" in err  # not "0.0 MB/s"

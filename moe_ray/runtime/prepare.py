@@ -86,12 +86,17 @@ def tokenizer_bytes(spec: str) -> bytes:
     return Path(spec).read_bytes()
 
 
+def text_rate(text_bytes: int, seconds: float) -> str:
+    """MB/s of text, with a figure that is not 0.0 for a small corpus."""
+    rate = text_bytes / 1e6 / max(seconds, 1e-9)
+    return f"{rate:.1f} MB/s" if rate >= 1 else f"{rate:.2g} MB/s"
+
+
 def progress_line(p: dict) -> str:
     """One line about a prepare's progress (a progress item of `prepare`'s on_progress)."""
-    rate = p["text_bytes"] / 1e6 / max(p["seconds"], 1e-9)
     return (
         f"{p['documents']:,} documents, {p['text_bytes'] / 1e6:,.1f} MB of text, {p['tokens']:,} tokens "
-        f"({rate:.1f} MB/s)"
+        f"({text_rate(p['text_bytes'], p['seconds'])})"
     )
 
 
