@@ -97,13 +97,20 @@ def run(
     reporter = ProgressReporter(job.train.steps, job.train.log_every)
     try:
         result = run_job(
-            job, address=address, resume=resume or run_name if resume else None, run_name=run_name, on_progress=reporter
+            job, address=address, resume=(run_name or True) if resume else None, run_name=run_name, on_progress=reporter
         )
     except (RunError, StorageError, DataError, LayoutError) as err:
         reporter.close()
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2 if isinstance(err, LayoutError) else 1) from None
     reporter.close()
+    if result.train_loss is None:  # resumed at its last step: Ray Train had nothing to run
+        console.print(
+            f"run {result.run_name} had already trained all train.steps={job.train.steps} (checkpoint "
+            f"{result.checkpoint}); to train on, raise train.steps (--set train.steps=N) and --resume again",
+            highlight=False,
+        )
+        return
     if result.mlflow_run_id:
         console.print(f"MLflow run {result.mlflow_run_id} at {redact(result.mlflow_uri)}", highlight=False)
     vio = result.max_vio_global

@@ -105,7 +105,15 @@ def scale_limits(job: JobSpec) -> dict:
 def resolve_run_name(job: JobSpec, resume: str | bool | None, run_name: str | None) -> str:
     """A fresh, unique name; or, with `resume`, the named run or the newest run of this job."""
     if not resume:
-        return check_run_name(run_name) if run_name else default_run_name(job)
+        if not run_name:
+            return default_run_name(job)
+        run = run_location(job.checkpoint.storage, check_run_name(run_name))
+        if list_checkpoints(run):  # Ray Train would quietly continue it
+            raise RunError(
+                f"--run {run_name}: {run} already holds that run's checkpoints: continue it with --resume "
+                f"--run {run_name}, or give a new name"
+            )
+        return run_name
     if isinstance(resume, str):
         check_run_name(resume, "--resume")
         if not list_checkpoints(run_location(job.checkpoint.storage, resume)):

@@ -59,6 +59,8 @@ class RunTracking:
         self.tracker.log_artifact(spec, "job")
 
     def hint(self) -> str:
+        if not self.cfg.enabled:
+            return "MLflow: off (tracking.enabled: false)"
         if self.job.tracking.uri:
             return f"MLflow: {redact(self.uri)} (experiment {self.cfg.experiment})"
         return f"MLflow: local store; open the UI with: mlflow ui --backend-store-uri {self.uri}"
