@@ -1,5 +1,7 @@
 """boto3 for what Ray Train does not do: checking a bucket before a job starts, listing and
-deleting a run's checkpoint objects, and reading small files (a tokenizer)."""
+deleting a run's checkpoint objects, reading small files (a tokenizer) and byte ranges (token
+shards), uploading prepared shards and exported models. Every failure is a StorageError that
+names the location and what to fix."""
 
 from __future__ import annotations
 
