@@ -490,6 +490,9 @@ def submit(
     address: AddressOpt = "http://127.0.0.1:8265",
     set_: SetOpt = None,
     run_name: Annotated[str | None, typer.Option("--run", help="Run name (default: job name + time).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run named by --run from its checkpoints.")
+    ] = False,
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API); prints the submission id and MLflow link."""
     from moe_ray.submit import SubmitError
@@ -497,8 +500,11 @@ def submit(
 
     job = _load(job_file, set_)
     run_name = _run_name(run_name)
+    if resume and not run_name:
+        typer.echo("error: --resume continues a named run: give it with --run NAME", err=True)
+        raise typer.Exit(2)
     with exit_on(SubmitError):
-        out = do_submit(job, address, run_name)
+        out = do_submit(job, address, run_name, resume)
     typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")
     if out["mlflow_link"]:
         typer.echo(f"MLflow run: {redact(out['mlflow_link'])}")

@@ -70,9 +70,10 @@ def _first_line(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
-def run_entrypoint(run_name: str) -> str:
+def run_entrypoint(run_name: str, resume: bool = False) -> str:
     """The cluster's command line of a submitted run, every argument quoted."""
-    return shlex.join(["python", "-m", "moe_ray.cli", "run", "job.yaml", "--address", "auto", "--run", run_name])
+    args = ["python", "-m", "moe_ray.cli", "run", "job.yaml", "--address", "auto"]
+    return shlex.join(args + (["--resume"] if resume else []) + ["--run", run_name])
 
 
 def control_entrypoint(command: str, run_name: str, *args: str) -> str:
@@ -80,8 +81,9 @@ def control_entrypoint(command: str, run_name: str, *args: str) -> str:
     return shlex.join(["python", "-m", "moe_ray.cli", command, run_name, *args, "--address", "auto"])
 
 
-def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
-    """Submit `job`; returns {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
+def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool = False) -> dict:
+    """Submit `job` (with `resume`, to continue the run `run_name` from its checkpoints); returns
+    {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
     run_name = check_run_name(run_name) if run_name else default_run_name(job)
     submission_id = f"moe-ray-{run_name}-{uuid.uuid4().hex[:6]}"
     mlflow_run_id, link = _precreate_mlflow_run(job, run_name, submission_id)
@@ -93,7 +95,7 @@ def submit(job: JobSpec, address: str, run_name: str | None = None) -> dict:
         jobs = client(address)
         try:
             jobs.submit_job(
-                entrypoint=run_entrypoint(run_name),
+                entrypoint=run_entrypoint(run_name, resume),
                 submission_id=submission_id,
                 runtime_env={
                     "working_dir": tmp,
@@ -127,6 +129,11 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
         c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(job.tracking.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(job.tracking.experiment)
+        # A resumed run goes on in its MLflow run, as the driver will find it (by this tag).
+        found = c.search_runs([exp_id], filter_string=f"tags.`moe_ray.run` = '{run_name}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            return run_id, f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
         run = c.create_run(
             exp_id,
             run_name=run_name,

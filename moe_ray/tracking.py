@@ -55,6 +55,9 @@ def git_commit(folder: Path | None = None) -> str | None:
         return None
 
 
+CHANGED_PARAMS_TAG = "moe_ray.params_changed_on_resume"
+
+
 class Tracker:
     """An MLflow run fed from a queue. `enabled=False` makes every call a no-op."""
 
@@ -74,6 +77,7 @@ class Tracker:
         self.run_id: str | None = None
         self._metrics: deque = deque(maxlen=MAX_QUEUED_METRICS)
         self._params: dict[str, str] = {}
+        self._logged_params: dict[str, str] = {}  # what the MLflow run holds (a resumed run's, at first)
         self._tags: dict[str, str] = {}
         self._artifacts: dict[str, Path] = {}  # artifact path -> local copy (latest wins)
         self._lock = threading.Lock()
@@ -191,10 +195,20 @@ class Tracker:
         with self._lock:
             params, self._params = self._params, {}
             tags, self._tags = self._tags, {}
+        # MLflow params cannot change, and one changed param fails the whole batch. A resume that
+        # changes the job (more train.steps, to train on) keeps the first values as params and
+        # says what changed in a tag.
+        changed = {k: v for k, v in params.items() if self._logged_params.get(k, v) != v}
+        params = {k: v for k, v in params.items() if k not in self._logged_params}
+        if changed:
+            tags[CHANGED_PARAMS_TAG] = "; ".join(
+                f"{k}: {self._logged_params[k]} -> {v}" for k, v in sorted(changed.items())
+            )[:5000]
         try:
             items = list(params.items())
             for i in range(0, len(items), 100):
                 client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+            self._logged_params.update(params)
             if tags:
                 client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception:
@@ -228,6 +242,7 @@ class Tracker:
         found = client.search_runs([exp_id], filter_string=f"tags.`moe_ray.run` = '{self.run_name}'", max_results=1)
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
+            self._logged_params = dict(found[0].data.params)
             return found[0].info.run_id
         run = client.create_run(exp_id, run_name=self.run_name, tags={"moe_ray.run": self.run_name})
         return run.info.run_id

@@ -113,6 +113,30 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
 
+    # The same run name again: refused on the cluster before any training (it would have
+    # continued that run quietly); with --resume it goes on from step 3 in the same MLflow run.
+    small_run = re.search(r"\(run (\S+)\)", out)[1]
+    job_file = str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri))
+    again = cli("submit", job_file, "--run", small_run, "--address", ray_head).stdout
+    again_id = re.search(r"submitted (\S+)", again)[1]
+    cli("logs", again_id, "--follow", "--address", ray_head, timeout=400, check=False)
+    assert "FAILED" in cli("status", again_id, "--address", ray_head).stdout
+    refused = " ".join(cli("logs", again_id, "--address", ray_head).stdout.split())
+    assert f"already holds that run's checkpoints: continue it with --resume --run {small_run}" in refused
+    resumed = cli(
+        "submit", job_file, "--resume", "--run", small_run, "--set", "train.steps=4", "--address", ray_head
+    ).stdout
+    assert f"/runs/{runs[0].info.run_id}" in resumed  # the same MLflow run's link
+    resumed_id = re.search(r"submitted (\S+)", resumed)[1]
+    followed = cli("logs", resumed_id, "--follow", "--address", ray_head, timeout=400).stdout
+    assert "resumed at step 3" in followed and f"done: run {small_run}, 4 steps" in followed, followed[-3000:]
+    # MLflow params cannot change: the first ones stay, a tag says what the resume changed (a
+    # changed param used to fail every batch, and the resumed steps' metrics never arrived).
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2, 3]
+    run = client.get_run(runs[0].info.run_id)
+    assert run.data.params["train.steps"] == "3" and run.info.status == "FINISHED"
+    assert run.data.tags["moe_ray.params_changed_on_resume"] == "train.steps: 3 -> 4"
+
     # A long job, stopped while it runs.
     out = cli("submit", str(write_job(tmp_path, "long", 100_000, mlflow_stack.mlflow_uri)), "--address", ray_head)
     long_id = re.search(r"submitted (\S+)", out.stdout)[1]
