@@ -120,7 +120,7 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
     uri = job.tracking.uri
     if not job.tracking.enabled or not uri or not uri.startswith(("http://", "https://")):
         return None, None
-    from moe_ray.tracking import quiet_mlflow
+    from moe_ray.tracking import mlflow_run_of, quiet_mlflow
 
     quiet_mlflow()
     try:
@@ -129,11 +129,9 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
         c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(job.tracking.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(job.tracking.experiment)
-        # A resumed run goes on in its MLflow run, as the driver will find it (by this tag).
-        found = c.search_runs([exp_id], filter_string=f"tags.`moe_ray.run` = '{run_name}'", max_results=1)
+        found = mlflow_run_of(c, exp_id, run_name)  # a resumed run goes on in its MLflow run
         if found:
-            run_id = found[0].info.run_id
-            return run_id, f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+            return found.info.run_id, f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{found.info.run_id}"
         run = c.create_run(
             exp_id,
             run_name=run_name,

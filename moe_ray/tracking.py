@@ -58,6 +58,13 @@ def git_commit(folder: Path | None = None) -> str | None:
 CHANGED_PARAMS_TAG = "moe_ray.params_changed_on_resume"
 
 
+def mlflow_run_of(client, experiment_id: str, run_name: str):
+    """The MLflow run of the moe-ray run `run_name` (found by its tag; a resumed run continues
+    it), or None."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`moe_ray.run` = '{run_name}'", max_results=1)
+    return found[0] if found else None
+
+
 class Tracker:
     """An MLflow run fed from a queue. `enabled=False` makes every call a no-op."""
 
@@ -238,12 +245,11 @@ class Tracker:
     def _create_run(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-        # A resumed run continues the MLflow run of the same moe-ray run name.
-        found = client.search_runs([exp_id], filter_string=f"tags.`moe_ray.run` = '{self.run_name}'", max_results=1)
+        found = mlflow_run_of(client, exp_id, self.run_name)
         if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            self._logged_params = dict(found[0].data.params)
-            return found[0].info.run_id
+            client.update_run(found.info.run_id, status="RUNNING")
+            self._logged_params = dict(found.data.params)
+            return found.info.run_id
         run = client.create_run(exp_id, run_name=self.run_name, tags={"moe_ray.run": self.run_name})
         return run.info.run_id
 
