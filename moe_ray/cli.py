@@ -328,16 +328,13 @@ def eval_checkpoint(
         loaded = load_model(checkpoint)
         job = loaded.job
         trained = job.data
-        data_cfg = trained.model_copy(
-            update={
-                "source": path_named_by("data", trained.source, data, "--data"),
-                "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
-            }
-        )
+        given = {
+            "source": path_named_by("data", trained.source, data, "--data"),
+            "tokenizer": path_named_by("tokenizer", trained.tokenizer, tokenizer, "--tokenizer"),
+        }
         if data is not None:  # another text's format is its own: from its name unless given
-            data_cfg = _data_config(
-                **{**data_cfg.model_dump(), "format": format_ or "auto", "text_field": text_field or trained.text_field}
-            )
+            given |= {"format": format_ or "auto", "text_field": text_field or trained.text_field}
+        data_cfg = _data_config(**(trained.model_dump() | given))
         tokens, description = eval_tokens(data_cfg, job.model.vocab_size, whole=data is not None)
         if data is None:  # the job's own validation set, as training evaluated it
             n = batches or job.train.eval_batches
