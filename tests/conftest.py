@@ -3,6 +3,7 @@
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,14 @@ def local_ray():
     ray.shutdown()
 
 
+def _tracking_folder(storage) -> Path:
+    """Local storage holds its runs' MLflow store; S3 storage gets a temporary folder (a Path of
+    "s3://b/runs" would be ./s3:/b/runs, inside the checkout)."""
+    if "://" in str(storage):
+        return Path(tempfile.mkdtemp(prefix="moe-ray-test-mlflow-"))
+    return Path(storage).resolve()
+
+
 def tiny_job(storage, **overrides) -> JobSpec:
     """A job small enough for a test: 3 layers (1 dense), 8 experts, top-2, MTP depth 1."""
     spec = {
@@ -71,7 +80,7 @@ def tiny_job(storage, **overrides) -> JobSpec:
         "resources": {"workers": 2, "cpus_per_worker": 1, "dense_parallel": "fsdp"},
         "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
         # Beside the runs, not in the working folder: tests never write into the checkout.
-        "tracking": {"uri": f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"},
+        "tracking": {"uri": f"sqlite:///{_tracking_folder(storage) / 'mlflow.db'}"},
     }
     for dotted, value in overrides.items():
         node = spec
