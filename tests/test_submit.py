@@ -3,6 +3,7 @@ Jobs API, with the runs tracked in a real MLflow server."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,23 +36,27 @@ def ray_head():
     dash = free_port()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
-    subprocess.run(
+    # --block keeps `ray start` in the foreground; an interrupt to it stops this head's processes
+    # and no others (`ray stop` would stop every Ray of the user, a developer's own included).
+    head = subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
             "--head",
+            "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
+            # Not the fixed default 52365, which another Ray on this machine may hold.
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-port={dash}",
             "--num-cpus=3",
             "--include-dashboard=true",
             "--disable-usage-stats",
         ],
-        check=True,
         env=env,
-        capture_output=True,
-        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -62,11 +67,20 @@ def ray_head():
         except urllib.error.HTTPError:
             break  # it answers (perhaps 401): up
         except OSError:
-            if time.time() > deadline:
-                raise
+            if head.poll() is not None or time.time() > deadline:
+                stop_head(head)
+                raise RuntimeError(f"the Ray head did not start (exit code {head.poll()})") from None
             time.sleep(0.5)
     yield address
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    stop_head(head)
+
+
+def stop_head(head):
+    head.send_signal(signal.SIGINT)
+    try:
+        head.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        head.kill()
 
 
 def write_job(tmp_path, name, steps, mlflow_uri):
