@@ -226,6 +226,42 @@ def test_prepare_from_s3_to_s3_and_read_only_the_windows_asked_for(s3_ray, tmp_p
     )
 
 
+def test_validate_checks_s3_data_when_this_machine_has_credentials_and_says_so_when_not(
+    s3_stack, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+    from moe_ray.spec import dump_job
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="validate/corpus.jsonl", Body=b'{"text": "hello"}\n')
+
+    def validate(source, **overrides):
+        path = tmp_path / "job.yaml"
+        path.write_text(dump_job(tiny_job(tmp_path / "runs", data__source=f"s3://{BUCKET}/{source}", **overrides)))
+        return CliRunner().invoke(app, ["validate", str(path)])
+
+    found = validate("validate/corpus.jsonl")
+    assert found.exit_code == 0 and "# data: raw jsonl text" in found.output, found.output
+    missing = validate("validate/no-such.jsonl")
+    assert (
+        missing.exit_code == 2
+        and f"data.source 's3://{BUCKET}/validate/no-such.jsonl' does not exist" in missing.output
+    )
+    no_tokenizer = validate("validate/corpus.jsonl", data__tokenizer=f"s3://{BUCKET}/validate/tokenizer.json")
+    assert (
+        no_tokenizer.exit_code == 2 and f"s3://{BUCKET}/validate/tokenizer.json does not exist" in no_tokenizer.output
+    )
+    # No credentials here (the cluster has its own): said, and left to the run.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    unchecked = validate("validate/no-such.jsonl")
+    assert unchecked.exit_code == 0 and "not checked here (no AWS credentials on this machine)" in unchecked.output
+
+
 @pytest.mark.slow
 def test_failed_checkpoint_upload_is_never_restored_and_training_goes_on(s3_ray, s3_proxy):
     """Uploads of the step-4 checkpoint fail (HTTP 500 from the endpoint) until the S3 client's

@@ -19,6 +19,7 @@ import numpy as np
 from moe_ray.data import DataError
 from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format, tokenizer_bytes
 from moe_ray.spec import DataConfig, JobSpec
+from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_location
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest
 
@@ -61,15 +62,16 @@ def _prepared_source(cfg: DataConfig, vocab_size: int) -> dict | None:
 
 
 def check_data(job: JobSpec) -> str:
-    """For `moe-ray validate`: a line saying what the run will read. A local prepared dataset is
-    checked against the job (DataError if it does not fit); S3 data, and a source that is not on
-    this machine, are checked when the run starts, where the data and credentials are."""
+    """For `moe-ray validate`: a line saying what the run will read. The data is checked against
+    the job (DataError, or StorageError for S3 it cannot read); S3 data on a machine with no AWS
+    credentials, and a local source that is not here, are left to the run, which checks them
+    where it starts, with that machine's files and credentials."""
     cfg = job.data
     if cfg.source == "builtin":
         return "the built-in corpus, prepared into the run's folder on first use"
-    if cfg.source.startswith("s3://") or cfg.tokenizer.startswith("s3://"):
-        return f"{cfg.source} on S3: checked when the run starts"
-    if not Path(cfg.source).exists():
+    if (cfg.source.startswith("s3://") or cfg.tokenizer.startswith("s3://")) and not s3.has_credentials():
+        return f"{cfg.source} on S3, not checked here (no AWS credentials on this machine): checked when the run starts"
+    if not cfg.source.startswith("s3://") and not Path(cfg.source).exists():
         return f"{cfg.source} is not on this machine: checked when the run starts"
     manifest = _prepared_source(cfg, job.model.vocab_size)
     if manifest is not None:

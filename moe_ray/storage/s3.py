@@ -41,6 +41,14 @@ def client():
         return _clients[key]
 
 
+def has_credentials() -> bool:
+    """Whether boto3 finds AWS credentials here (environment, profile, or instance role)."""
+    with _clients_lock:  # boto3's default session is not thread-safe
+        import boto3
+
+        return boto3.Session().get_credentials() is not None
+
+
 @contextlib.contextmanager
 def storage_errors(loc: Location, doing: str):
     """S3 failures as a StorageError naming `loc` and what to fix, not a botocore traceback.
