@@ -17,6 +17,9 @@ from pathlib import Path
 import moe_ray
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster
+from moe_ray.storage import s3
+from moe_ray.storage.catalog import run_name_problem
+from moe_ray.storage.location import Location
 
 # Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
 # are NOT forwarded: the cluster's nodes must have their own (instance role, secret, env).
@@ -84,7 +87,10 @@ def control_entrypoint(command: str, run_name: str, *args: str) -> str:
 def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool = False) -> dict:
     """Submit `job` (with `resume`, to continue the run `run_name` from its checkpoints); returns
     {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
-    run_name = check_run_name(run_name) if run_name else default_run_name(job)
+    if run_name:
+        _check_named_run(job, check_run_name(run_name), resume)
+    else:
+        run_name = default_run_name(job)
     submission_id = f"moe-ray-{run_name}-{uuid.uuid4().hex[:6]}"
     mlflow_run_id, link = _precreate_mlflow_run(job, run_name, submission_id)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -112,6 +118,21 @@ def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool
         except Exception as err:
             raise SubmitError(f"the cluster at {address} refused the job: {_first_line(err)}") from None
     return {"submission_id": submission_id, "run_name": run_name, "mlflow_run_id": mlflow_run_id, "mlflow_link": link}
+
+
+def _check_named_run(job: JobSpec, run_name: str, resume: bool) -> None:
+    """Refuse here what the driver on the cluster would refuse (a new run under a name that holds
+    checkpoints, a resume of one that holds none) when this machine sees the same storage: S3,
+    with credentials. A folder here is not the cluster's, and S3 these credentials cannot read
+    may be readable there; those the driver checks."""
+    if not Location(job.checkpoint.storage).is_s3 or not s3.has_credentials():
+        return
+    try:
+        problem = run_name_problem(job.checkpoint.storage, run_name, resume)
+    except s3.StorageError:
+        return
+    if problem:
+        raise SubmitError(problem)
 
 
 def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tuple[str | None, str | None]:

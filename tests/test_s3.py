@@ -5,7 +5,7 @@ import os
 import boto3
 import pytest
 import torch
-from conftest import builtin_batch_digests, tiny_job
+from conftest import builtin_batch_digests, free_port, tiny_job
 from faulty_proxy import FaultyProxy
 
 from moe_ray.data import sample_offsets, sample_windows
@@ -130,6 +130,31 @@ def test_a_run_prefix_names_its_newest_checkpoint_and_bad_uris_say_what_to_fix(s
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the credentials it found first
     with pytest.raises(s3.StorageError, match="no AWS credentials for s3://.*: set AWS_ACCESS_KEY_ID"):
         resolve_checkpoint(newest)
+
+
+def test_submit_refuses_a_run_name_the_cluster_would_refuse_before_reaching_it(s3_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+    from moe_ray.spec import dump_job
+
+    job, _ = s3_run
+    (tmp_path / "job.yaml").write_text(dump_job(job))
+    nowhere = f"http://127.0.0.1:{free_port()}"  # no cluster: a refusal must come before it is asked
+
+    def submit(*args):
+        return CliRunner().invoke(app, ["submit", str(tmp_path / "job.yaml"), *args, "--address", nowhere])
+
+    taken = submit("--run", "s3run")
+    assert taken.exit_code == 1 and "already holds that run's checkpoints: continue it with --resume --run s3run" in (
+        taken.output
+    )
+    none = submit("--resume", "--run", "no-such-run")
+    assert none.exit_code == 1 and f"no checkpoints under s3://{BUCKET}/runs/no-such-run" in none.output
+    # A name that may go ahead is passed on to the cluster (here: not reached).
+    for args in (["--resume", "--run", "s3run"], ["--run", "a-new-run"]):
+        out = submit(*args)
+        assert out.exit_code == 1 and "cannot reach the Ray Jobs API" in out.output, out.output
 
 
 def test_prune_keeps_newest_complete(s3_run):

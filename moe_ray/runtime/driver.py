@@ -25,7 +25,7 @@ from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name, job_record
 from moe_ray.storage import s3
-from moe_ray.storage.catalog import list_checkpoints, run_location
+from moe_ray.storage.catalog import list_checkpoints, run_location, run_name_problem
 from moe_ray.storage.location import Location
 from moe_ray.system import cache_dir
 
@@ -107,17 +107,12 @@ def resolve_run_name(job: JobSpec, resume: str | bool | None, run_name: str | No
     if not resume:
         if not run_name:
             return default_run_name(job)
-        run = run_location(job.checkpoint.storage, check_run_name(run_name))
-        if list_checkpoints(run):  # Ray Train would quietly continue it
-            raise RunError(
-                f"--run {run_name}: {run} already holds that run's checkpoints: continue it with --resume "
-                f"--run {run_name}, or give a new name"
-            )
+        if problem := run_name_problem(job.checkpoint.storage, check_run_name(run_name), resume=False):
+            raise RunError(problem)
         return run_name
     if isinstance(resume, str):
-        check_run_name(resume, "--resume")
-        if not list_checkpoints(run_location(job.checkpoint.storage, resume)):
-            raise RunError(f"--resume {resume}: no checkpoints under {run_location(job.checkpoint.storage, resume)}")
+        if problem := run_name_problem(job.checkpoint.storage, check_run_name(resume, "--resume"), resume=True):
+            raise RunError(problem)
         return resume
     root = Location(job.checkpoint.storage)
     if root.is_s3:

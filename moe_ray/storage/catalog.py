@@ -31,6 +31,21 @@ def run_location(storage: str, run_name: str) -> Location:
     return Location(storage).child(run_name)
 
 
+def run_name_problem(storage: str, run_name: str, resume: bool) -> str | None:
+    """Why the named run cannot be started (it holds checkpoints, which Ray Train would quietly
+    continue) or resumed (it holds none); None when it can."""
+    run = run_location(storage, run_name)
+    held = bool(list_checkpoints(run))
+    if held and not resume:
+        return (
+            f"--run {run_name}: {run} already holds that run's checkpoints: continue it with --resume "
+            f"--run {run_name}, or give a new name"
+        )
+    if resume and not held:
+        return f"--resume --run {run_name}: no checkpoints under {run}"
+    return None
+
+
 def list_checkpoints(run: Location) -> list[CheckpointInfo]:
     """The run's checkpoints, oldest first."""
     files: dict[str, dict[str, int]] = {}
