@@ -398,10 +398,11 @@ def generate(
     else:
         used, new = sample(loaded.model, ids, max_new_tokens, temperature, top_k, seed)
     seconds = time.perf_counter() - start
+    ctx = loaded.job.model.max_seq_len
     if len(used) < len(ids):
-        typer.echo(
-            f"(prompt cut to its last {len(used)} tokens: the context is {loaded.job.model.max_seq_len})", err=True
-        )
+        typer.echo(f"(prompt cut to its last {len(used)} tokens: the context is {ctx})", err=True)
+    if len(new) < max_new_tokens:
+        typer.echo(f"({len(new)} new tokens, not {max_new_tokens}: the context is {ctx})", err=True)
     typer.echo(tok.decode(used) + tok.decode(new))
     rate = f"{len(new) / max(seconds, 1e-9):,.0f} tokens/s"
     if speculative:

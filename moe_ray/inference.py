@@ -106,8 +106,8 @@ def generate(
 ) -> tuple[list[int], list[int]]:
     """Sample up to `max_new_tokens` tokens after `prompt` with a KV cache.
 
-    Returns (the prompt tokens actually used, the new tokens). A prompt that does not leave
-    room in the context (model.max_seq_len) keeps its last tokens. temperature 0 = greedy.
+    Returns (the prompt tokens actually used, the new tokens): both fit the context
+    (model.max_seq_len), as `fit_context` shares it. temperature 0 = greedy.
     Deterministic for a given seed."""
     prompt, max_new_tokens = fit_context(prompt, max_new_tokens, model.cfg.max_seq_len)
     device = next(model.parameters()).device
@@ -125,9 +125,13 @@ def generate(
 
 
 def fit_context(prompt: list[int], max_new_tokens: int, ctx: int) -> tuple[list[int], int]:
-    """(the prompt's tokens that fit, the new tokens allowed): together at most `ctx` positions."""
-    max_new_tokens = max(0, min(max_new_tokens, ctx - 1))
-    return (prompt or [0])[-(ctx - max_new_tokens) :], max_new_tokens
+    """(the prompt's tokens that fit, the new tokens allowed): together at most `ctx` positions.
+    The new tokens get the room the prompt leaves, and when asked for more, up to half the
+    context: only then is the prompt's start cut (a prompt that fits is never cut to make room
+    for a long continuation)."""
+    prompt = prompt or [0]
+    max_new_tokens = max(0, min(max_new_tokens, max(ctx - len(prompt), ctx // 2)))
+    return prompt[-(ctx - max_new_tokens) :], max_new_tokens
 
 
 def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:

@@ -39,8 +39,14 @@ def test_generate_is_deterministic_stops_at_n_and_handles_long_prompts(checkpoin
     long_prompt = list(range(40)) * 3  # 120 tokens, context 48
     used, new = generate(model, long_prompt, 8, temperature=0)
     assert used == long_prompt[-40:] and len(new) == 8
+    # More new tokens than the context holds: a prompt that fits is kept whole and the new
+    # tokens fill the rest; one that does not keeps its end, and half the context is new tokens.
+    used, new = generate(model, prompt, 500, temperature=0)
+    assert used == prompt and len(new) == 48 - len(prompt)
     used, new = generate(model, long_prompt, 500, temperature=0)
-    assert len(new) == 47 and len(used) == 1
+    assert used == long_prompt[-24:] and len(new) == 24
+    used, new = generate(model, long_prompt[:40], 20, temperature=0)
+    assert used == long_prompt[12:40] and len(new) == 20  # the prompt gives way to up to half
 
 
 def test_eval_and_generate_commands(checkpoint):
