@@ -106,7 +106,7 @@ def eval_tokens(cfg: DataConfig, vocab_size: int, whole: bool) -> tuple[np.ndarr
         # Everything in training order: with no n-th document, only the last one is "validation".
         cfg = cfg.model_copy(update={"val_every_nth_doc": 2**62, "max_bytes": None})
     with tempfile.TemporaryDirectory(prefix="moe-ray-eval-") as tmp:
-        prepare(cfg, f"{tmp}/data", vocab_limit=vocab_size)
+        prepare(cfg, f"{tmp}/data", vocab_limit=vocab_size, min_documents=1 if whole else 2)
         return _eval_tokens(open_dataset(f"{tmp}/data"), whole)
 
 

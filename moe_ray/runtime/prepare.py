@@ -143,9 +143,12 @@ def prepare(
     on_progress: Callable[[dict], None] | None = None,
     shard_tokens: int = SHARD_TOKENS,
     clear_partial: bool = False,
+    min_documents: int = 2,
 ) -> dict:
     """Prepare `cfg.source` (tokenised with `cfg.tokenizer`) into a dataset at `out`; returns its
-    manifest. Bad input raises DataError before or while reading, and leaves no dataset."""
+    manifest. Bad input raises DataError before or while reading, and leaves no dataset.
+    `min_documents`: 2 for training (a train and a validation split); 1 where every token is
+    scored (eval's --data), which puts a single document in the validation split."""
     if cfg.source == "builtin":
         return _prepare_builtin(cfg, out, shard_tokens, clear_partial)
     check_source(cfg, vocab_limit)
@@ -154,7 +157,9 @@ def prepare(
             check_new_location(out)
         if not ray.is_initialized():  # a quiet embedded Ray (the CLI's prepare and eval)
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        stream = _prepare_task.options(num_returns="streaming").remote(cfg.model_dump(), out, shard_tokens)
+        stream = _prepare_task.options(num_returns="streaming").remote(
+            cfg.model_dump(), out, shard_tokens, min_documents
+        )
         for ref in stream:
             item = ray.get(ref)
             if "manifest" in item:
@@ -275,15 +280,15 @@ def _read_text(cfg: DataConfig):
 # reserved: it drives the pipeline, as a Ray Data driver does, and leaves the cores to the read
 # and tokenise tasks (holding one made `prepare` 1.8x slower on 2 cores).
 @ray.remote(num_cpus=0, max_retries=2)
-def _prepare_task(cfg_dict: dict, out: str, shard_tokens: int):
+def _prepare_task(cfg_dict: dict, out: str, shard_tokens: int, min_documents: int):
     try:
-        yield from _prepare_stream(DataConfig.model_validate(cfg_dict), out, shard_tokens)
+        yield from _prepare_stream(DataConfig.model_validate(cfg_dict), out, shard_tokens, min_documents)
     except Exception as err:
         _raise_data_error(err)  # with its own message, however deep Ray Data wrapped it
         raise
 
 
-def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
+def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int, min_documents: int):
     tokenizer = _tokenizer(cfg.tokenizer)
     tokenizer_json = None if tokenizer is None else tokenizer_bytes(cfg.tokenizer)  # copied into the dataset
     vocab = tokenizer_vocab(tokenizer)
@@ -324,8 +329,9 @@ def _prepare_stream(cfg: DataConfig, out: str, shard_tokens: int):
                     yield progress()
                 if cfg.max_bytes is not None and text_bytes >= cfg.max_bytes:
                     break
-            if docs < 2:
-                raise DataError(f"{cfg.source}: found {docs} non-empty document(s); need at least 2 (train + val)")
+            if docs < min_documents:
+                need = "at least 2 (train + val)" if min_documents == 2 else f"at least {min_documents}"
+                raise DataError(f"{cfg.source}: found {docs} non-empty document(s); need {need}")
             if held is None:
                 raise DataError("val_every_nth_doc=1 puts every document in the validation split: raise it")
             (val if val.documents == 0 else train).add(held)
