@@ -129,7 +129,10 @@ def checkpoints(
     storage: Annotated[
         str, typer.Option(help="checkpoint.storage of the job (folder or s3://bucket/prefix).")
     ] = "./runs",
-    prune: Annotated[int | None, typer.Option(min=0, help="Delete all but the newest N complete checkpoints.")] = None,
+    prune: Annotated[
+        int | None,
+        typer.Option(min=1, help="Delete all but the newest N complete checkpoints (the newest is always kept)."),
+    ] = None,
 ) -> None:
     """List a run's checkpoints with step and size (and prune old ones)."""
     from moe_ray.storage.catalog import list_checkpoints, run_location

@@ -215,7 +215,7 @@ def test_validate_warns_when_node_and_group_limits_can_leave_a_token_short(tmp_p
         (["generate", "CKPT", "--prompt", "x", "--speculative", "--draft-tokens", "0"], "--draft-tokens"),
         (["eval", "CKPT", "--batches", "0"], "--batches"),
         (["export", "CKPT", "OUT", "--max-shard-mb", "0"], "--max-shard-mb"),
-        (["checkpoints", "RUN", "--prune", "-1"], "--prune"),
+        (["checkpoints", "RUN", "--prune", "0"], "--prune"),
         (["scale", "RUN", "--workers", "0"], "--workers"),
         (["prepare", "builtin", "OUT", "--shard-tokens", "0"], "--shard-tokens"),
     ],
