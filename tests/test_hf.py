@@ -179,6 +179,15 @@ def test_export_never_overwrites(trained, tmp_path):
     with pytest.raises(LayoutError, match="already exists"):
         export_checkpoint(str(trained[1]), tmp_path / "busy")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["mine.txt"]
+    # A place that cannot be written is named before the checkpoint is read (it was a traceback
+    # from the staging folder's mkdtemp).
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LayoutError, match="cannot write .*a-file/out: .*give a folder you can write to"):
+        export_checkpoint(str(trained[1]), tmp_path / "a-file" / "out")
+    prepared = subprocess.run(
+        [str(CLI), "prepare", "builtin", str(tmp_path / "a-file" / "data")], capture_output=True, text=True
+    )
+    assert prepared.returncode == 1 and "give a folder you can write to" in prepared.stderr, prepared.stderr
 
 
 def test_init_from_names_every_mismatch(trained, tmp_path):

@@ -26,7 +26,7 @@ from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name, job_record
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location, run_name_problem
-from moe_ray.storage.location import Location
+from moe_ray.storage.location import Location, make_writable_folder
 from moe_ray.system import cache_dir
 
 log = logging.getLogger("moe_ray.driver")
@@ -79,10 +79,7 @@ def prepare_storage(job: JobSpec) -> Location:
         s3.check_writable(loc)
     else:
         try:
-            loc.local_path.mkdir(parents=True, exist_ok=True)
-            probe = loc.local_path / ".moe-ray-write-check"
-            probe.write_text("ok")
-            probe.unlink()
+            make_writable_folder(loc.local_path)
         except OSError as err:
             raise s3.StorageError(f"cannot write to checkpoint.storage {loc}: {err}") from None
     return loc

@@ -75,6 +75,19 @@ def refuse_occupied(out: str, error: type[Exception]) -> None:
             raise error(f"{out} already exists and is not empty: give a new prefix (nothing was written)")
     elif loc.local_path.exists() and (not loc.local_path.is_dir() or any(loc.local_path.iterdir())):
         raise error(f"{out} already exists and is not empty: give a new folder (nothing was written)")
+    else:
+        try:
+            make_writable_folder(loc.local_path.parent)  # where the staging folder goes
+        except OSError as err:
+            raise error(f"cannot write {out}: {err}; give a folder you can write to (nothing was written)") from None
+
+
+def make_writable_folder(folder: Path) -> None:
+    """Make `folder` (and its parents) and write and delete a file in it: OSError if it cannot be
+    written, found before any work starts rather than at its end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".moe-ray-write-check-"):
+        pass
 
 
 def staging_sibling(out: Path) -> Path:
