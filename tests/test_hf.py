@@ -188,6 +188,11 @@ def test_export_never_overwrites(trained, tmp_path):
         [str(CLI), "prepare", "builtin", str(tmp_path / "a-file" / "data")], capture_output=True, text=True
     )
     assert prepared.returncode == 1 and "give a folder you can write to" in prepared.stderr, prepared.stderr
+    # An export given where a checkpoint is expected says what it is and what reads it.
+    again = subprocess.run(
+        [str(CLI), "export", str(trained[2]), str(tmp_path / "again")], capture_output=True, text=True
+    )
+    assert again.returncode == 1 and "is a Hugging Face model folder, not a moe-ray checkpoint" in again.stderr
 
 
 def test_init_from_names_every_mismatch(trained, tmp_path):

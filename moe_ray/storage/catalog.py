@@ -119,6 +119,11 @@ def resolve_checkpoint(uri: str) -> str:
             f"{uri} is a run folder whose checkpoints are all incomplete ({', '.join(c.name for c in ckpts)}): "
             "none can be loaded"
         )
+    if s3.exists(loc.child("config.json")) if loc.is_s3 else (loc.local_path / "config.json").is_file():
+        raise CheckpointError(
+            f"{uri} is a Hugging Face model folder, not a moe-ray checkpoint: load it with transformers or "
+            "vLLM, or train from it with model.init_from"
+        )
     raise CheckpointError(
         f"{uri} is not a checkpoint folder (no {INDEX}) nor a run folder holding step-NNNNNNNN checkpoints: "
         "pass checkpoint.storage/RUN_NAME/step-NNNNNNNN, or the run folder for its newest checkpoint"
