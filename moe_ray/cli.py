@@ -199,8 +199,8 @@ def rebalance(
 def _control_run(run: str, address: str | None, command: str, args: list[str], ask):
     """Send `command` to a run's coordinator: through a small job in the cluster for a submitted
     job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply)."""
-    import ray
 
+    from moe_ray.runtime.cluster import join
     from moe_ray.runtime.driver import RunError
 
     _run_name(run, "RUN")
@@ -221,8 +221,8 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
     from moe_ray.submit import enable_token_auth
 
     enable_token_auth()
-    with exit_on(ConnectionError):
-        ray.init(address=address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
+    with exit_on(ConnectionError):  # ClusterAddressError is one
+        join(address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
     with exit_on(RunError, ValueError):
         return ask()
 
@@ -259,6 +259,7 @@ def prepare(
 
     from moe_ray.console import follow_prepare
     from moe_ray.data import DataError
+    from moe_ray.runtime.cluster import ClusterAddressError, join
     from moe_ray.runtime.prepare import prepare as prepare_dataset
     from moe_ray.runtime.prepare import text_rate
     from moe_ray.storage.s3 import StorageError
@@ -272,11 +273,9 @@ def prepare(
         max_bytes=max_bytes,
     )
     start = time.monotonic()
-    with exit_on(DataError, StorageError), follow_prepare() as on_progress:
+    with exit_on(DataError, StorageError, ClusterAddressError), follow_prepare() as on_progress:
         if address:
-            import ray
-
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            join(address, logging_level="ERROR", log_to_driver=False)
         sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
         manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
     seconds = time.monotonic() - start

@@ -3,6 +3,7 @@
 import pytest
 from conftest import tiny_job
 
+from moe_ray.runtime.cluster import join
 from moe_ray.runtime.driver import run_job
 
 
@@ -17,7 +18,7 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    join(cluster.address, log_to_driver=False)  # the --address path: a live address passes its check
     yield cluster
     ray.shutdown()
     cluster.shutdown()

@@ -11,6 +11,7 @@ from conftest import tiny_job, write_checkpoint
 from typer.testing import CliRunner
 
 from moe_ray.cli import app
+from moe_ray.spec import dump_job
 from moe_ray.storage import checkpoint as ckpt
 
 
@@ -21,6 +22,35 @@ def test_empty_or_non_mapping_job_file_is_refused(tmp_path, text):
     out = CliRunner().invoke(app, ["validate", str(path)])
     assert out.exit_code == 2, out.output
     assert re.search(r"the job file is empty|must be a YAML mapping", out.output), out.output
+
+
+def test_an_address_no_ray_cluster_answers_is_refused_at_once(tmp_path, monkeypatch):
+    """ray.init retried a closed port for minutes without a word, and met a dashboard URL (what
+    `submit` takes) with a traceback."""
+    from conftest import free_port
+
+    from moe_ray.runtime.cluster import ClusterAddressError, check_cluster_address
+
+    closed = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterAddressError, match=f"--address {closed}: no Ray cluster answers: check the address"):
+        check_cluster_address(closed)
+    with pytest.raises(ClusterAddressError, match="is a Ray dashboard .* moe-ray submit JOB --address http://h:8265"):
+        check_cluster_address("http://h:8265")
+    with pytest.raises(ClusterAddressError, match="not a Ray cluster address"):
+        check_cluster_address("nonsense")
+    monkeypatch.setenv("RAY_ADDRESS", closed)  # what 'auto' reads first
+    with pytest.raises(ClusterAddressError, match="--address auto: no Ray cluster answers at .*RAY_ADDRESS"):
+        check_cluster_address("auto")
+    monkeypatch.setenv("RAY_ADDRESS", "http://h:8265")  # as set for `moe-ray submit`
+    with pytest.raises(ClusterAddressError, match="RAY_ADDRESS http://h:8265 is a Ray dashboard"):
+        check_cluster_address("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_job(tiny_job(tmp_path / "runs")))
+    out = CliRunner().invoke(app, ["run", str(path), "--address", closed])
+    assert out.exit_code == 1 and f"--address {closed}: no Ray cluster answers" in out.output, out.output
+    out = CliRunner().invoke(app, ["prepare", "builtin", str(tmp_path / "data"), "--address", "http://h:8265"])
+    assert out.exit_code == 1 and "is a Ray dashboard" in out.output, out.output
 
 
 BAD_NAME = "x; touch /tmp/pwned #"

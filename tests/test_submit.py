@@ -3,9 +3,11 @@ Jobs API, with the runs tracked in a real MLflow server."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +38,7 @@ def ray_head():
     dash = free_port()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live below it
     # --block keeps `ray start` in the foreground; an interrupt to it stops this head's processes
     # and no others (`ray stop` would stop every Ray of the user, a developer's own included).
     head = subprocess.Popen(
@@ -44,6 +47,9 @@ def ray_head():
             "start",
             "--head",
             "--block",
+            # Its own: the head records its address there (ray_current_cluster), where a later
+            # `--address auto` on this machine would find it after the test.
+            f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1",
             f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
@@ -73,6 +79,7 @@ def ray_head():
             time.sleep(0.5)
     yield address
     stop_head(head)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_head(head):

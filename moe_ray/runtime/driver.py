@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
+from moe_ray.runtime.cluster import ClusterAddressError, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.prepare import at_most_every, progress_line
@@ -129,7 +130,10 @@ def connect(address: str | None, job: JobSpec) -> bool:
     env = {"env_vars": _QUIET_ENV}
     if address:
         # No runtime_env here: inside a Ray job it would replace the job's own (its py_modules).
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            join(address, logging_level=logging.WARNING, log_to_driver=True)
+        except ClusterAddressError as err:
+            raise RunError(str(err)) from None
         return False
     need = int(job.resources.workers * job.resources.cpus_per_worker + 0.999)
     ray.init(
