@@ -495,10 +495,19 @@ def submit(
     ] = False,
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API); prints the submission id and MLflow link."""
-    from moe_ray.submit import SubmitError
+    from moe_ray.submit import SubmitError, cluster_problems
     from moe_ray.submit import submit as do_submit
 
     job = _load(job_file, set_)
+    problems = cluster_problems(job)
+    if problems:
+        typer.echo(
+            f"error: {job_file} cannot run on a cluster as it is ({len(problems)} problem(s); fix with --set):",
+            err=True,
+        )
+        for p in problems:
+            typer.echo(f"  {p}", err=True)
+        raise typer.Exit(2)
     run_name = _run_name(run_name)
     if resume and not run_name:
         typer.echo("error: --resume continues a named run: give it with --run NAME", err=True)

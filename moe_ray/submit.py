@@ -84,6 +84,39 @@ def control_entrypoint(command: str, run_name: str, *args: str) -> str:
     return shlex.join(["python", "-m", "moe_ray.cli", command, run_name, *args, "--address", "auto"])
 
 
+def cluster_problems(job: JobSpec) -> list[str]:
+    """What in `job` cannot work on a cluster: a relative path would name a place inside the
+    job's temporary working directory there (the runs, and the MLflow store, deleted with it; the
+    data not found), and each node would have its own."""
+    fix = "give an s3:// URI, or an absolute path that every node of the cluster mounts"
+    problems = []
+
+    def local_relative(value: str | None) -> bool:
+        return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
+
+    for dotted, value, keep in (
+        ("checkpoint.storage", job.checkpoint.storage, None),
+        ("data.source", job.data.source, "builtin"),
+        ("data.tokenizer", job.data.tokenizer, "bytes"),
+        ("model.init_from", job.model.init_from, None),
+    ):
+        if value != keep and local_relative(value):
+            problems.append(
+                f"{dotted} {value!r} is a relative path: on the cluster it is inside the job's temporary "
+                f"working directory; {fix}"
+            )
+    uri = job.tracking.uri
+    if job.tracking.enabled and (
+        uri is None or uri.startswith("sqlite:///") and local_relative(uri[len("sqlite:///") :])
+    ):
+        problems.append(
+            "tracking.uri is not an MLflow server: the run's MLflow store would be an SQLite file in the job's "
+            "temporary working directory on the cluster, lost with it; set tracking.uri=http://MLFLOW:5000 (an "
+            "address the cluster reaches), or tracking.enabled=false"
+        )
+    return problems
+
+
 def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool = False) -> dict:
     """Submit `job` (with `resume`, to continue the run `run_name` from its checkpoints); returns
     {"submission_id", "run_name", "mlflow_run_id", "mlflow_link"}."""
