@@ -495,7 +495,7 @@ def submit(
     ] = False,
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API); prints the submission id and MLflow link."""
-    from moe_ray.submit import SubmitError, cluster_problems
+    from moe_ray.submit import SubmitError, cluster_problems, tracking_warning
     from moe_ray.submit import submit as do_submit
 
     job = _load(job_file, set_)
@@ -508,6 +508,8 @@ def submit(
         for p in problems:
             typer.echo(f"  {p}", err=True)
         raise typer.Exit(2)
+    if warning := tracking_warning(job):
+        typer.echo(warning, err=True)
     run_name = _run_name(run_name)
     if resume and not run_name:
         typer.echo("error: --resume continues a named run: give it with --run NAME", err=True)

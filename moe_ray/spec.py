@@ -94,7 +94,8 @@ class CheckpointSpec(Strict):
 
 class TrackingConfig(Strict):
     enabled: bool = True
-    # None: an SQLite store (mlflow.db) in the working folder. Else an MLflow server URI.
+    # An MLflow server URI. None: $MLFLOW_TRACKING_URI if set, else an SQLite store (mlflow.db)
+    # in the working folder.
     uri: str | None = None
     experiment: str = "moe-ray"
     log_every: PositiveInt = 10  # steps between metric points

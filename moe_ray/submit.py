@@ -106,15 +106,24 @@ def cluster_problems(job: JobSpec) -> list[str]:
                 f"working directory; {fix}"
             )
     uri = job.tracking.uri
-    if job.tracking.enabled and (
-        uri is None or uri.startswith("sqlite:///") and local_relative(uri[len("sqlite:///") :])
-    ):
+    if job.tracking.enabled and uri and uri.startswith("sqlite:///") and local_relative(uri[len("sqlite:///") :]):
         problems.append(
-            "tracking.uri is not an MLflow server: the run's MLflow store would be an SQLite file in the job's "
-            "temporary working directory on the cluster, lost with it; set tracking.uri=http://MLFLOW:5000 (an "
-            "address the cluster reaches), or tracking.enabled=false"
+            f"tracking.uri {uri} is a relative SQLite file: on the cluster it is inside the job's temporary "
+            "working directory, lost with it; set tracking.uri=http://MLFLOW:5000 (an address the cluster reaches)"
         )
     return problems
+
+
+def tracking_warning(job: JobSpec) -> str | None:
+    """A job with tracking on and no tracking.uri logs where the cluster's MLFLOW_TRACKING_URI
+    says, which this machine cannot see; without one, its MLflow store is lost with the job."""
+    if not job.tracking.enabled or job.tracking.uri:
+        return None
+    return (
+        "warning: no tracking.uri: the run logs to the cluster's MLFLOW_TRACKING_URI if its nodes set one "
+        "(cluster/ does), else to an SQLite file in the job's temporary working directory, lost with it; "
+        "set tracking.uri=http://MLFLOW:5000 to be sure"
+    )
 
 
 def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool = False) -> dict:

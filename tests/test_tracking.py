@@ -1,5 +1,6 @@
 """MLflow tracking against a real `mlflow server` process (SQLite backend) on 127.0.0.1."""
 
+import os
 import time
 
 import pytest
@@ -24,19 +25,19 @@ def only_run(uri, experiment):
 
 @pytest.fixture(scope="module")
 def tracked_run(local_ray, mlflow_stack, tmp_path_factory):
+    # No tracking.uri: the server comes from MLflow's own variable, as cluster/ sets it on nodes.
     job = tiny_job(
         tmp_path_factory.mktemp("runs"),
         train__steps=6,
         train__eval_every=3,
-        tracking={
-            "uri": mlflow_stack.mlflow_uri,
-            "experiment": "tracked",
-            "log_every": 2,
-            "heatmap_every": 3,
-            "log_model": True,
-        },
+        tracking={"experiment": "tracked", "log_every": 2, "heatmap_every": 3, "log_model": True},
     )
-    return job, run_job(job, run_name="tracked")
+    assert job.tracking.uri is None
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_stack.mlflow_uri
+    try:
+        return job, run_job(job, run_name="tracked")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
 
 
 def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack):

@@ -37,7 +37,8 @@ class RunTracking:
         cfg = job.tracking
         quiet_mlflow()
         self.job, self.cfg = job, cfg
-        self.uri = cfg.uri or local_store_uri()
+        # MLflow's own variable before the local store: the cluster files set it on every node.
+        self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
         self.tracker = Tracker(self.uri, cfg.experiment, run_name, enabled=cfg.enabled)
         self.seen = {"metrics": 0, "history": 0, "events": 0}
         self.last_heatmap = -1
