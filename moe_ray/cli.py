@@ -499,6 +499,10 @@ def submit(
     from moe_ray.submit import submit as do_submit
 
     job = _load(job_file, set_)
+    run_name = _run_name(run_name)
+    if resume and not run_name:
+        typer.echo("error: --resume continues a named run: give it with --run NAME", err=True)
+        raise typer.Exit(2)
     problems = cluster_problems(job)
     if problems:
         typer.echo(
@@ -510,10 +514,6 @@ def submit(
         raise typer.Exit(2)
     if warning := tracking_warning(job):
         typer.echo(warning, err=True)
-    run_name = _run_name(run_name)
-    if resume and not run_name:
-        typer.echo("error: --resume continues a named run: give it with --run NAME", err=True)
-        raise typer.Exit(2)
     with exit_on(SubmitError):
         out = do_submit(job, address, run_name, resume)
     typer.echo(f"submitted {out['submission_id']} (run {out['run_name']})")
