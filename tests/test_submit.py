@@ -63,6 +63,7 @@ def ray_head():
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: what stop_head may kill, and nothing else
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -83,11 +84,14 @@ def ray_head():
 
 
 def stop_head(head):
+    """An interrupt stops the head's processes (seconds); when it does not (it waited out its
+    120 s after jobs had run), its process group is killed."""
     head.send_signal(signal.SIGINT)
     try:
-        head.wait(timeout=120)
+        head.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        head.kill()
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
 
 def write_job(tmp_path, name, steps, mlflow_uri):
