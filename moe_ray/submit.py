@@ -192,10 +192,8 @@ def _precreate_mlflow_run(job: JobSpec, run_name: str, submission_id: str) -> tu
         c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(job.tracking.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(job.tracking.experiment)
-        found = mlflow_run_of(c, exp_id, run_name)  # a resumed run goes on in its MLflow run
-        if found:
-            return found.info.run_id, f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{found.info.run_id}"
-        run = c.create_run(
+        # A resumed run goes on in its MLflow run.
+        run = mlflow_run_of(c, exp_id, run_name) or c.create_run(
             exp_id,
             run_name=run_name,
             tags={"moe_ray.run": run_name, "moe_ray.job": job.name, "ray.submission_id": submission_id},

@@ -66,7 +66,8 @@ class Location:
 
 def refuse_occupied(out: str, error: type[Exception]) -> None:
     """Raise `error` unless `out` holds nothing: a new or empty folder, or an S3 prefix with no
-    object at or below it. Writers that never overwrite check this before they start."""
+    object at or below it; and, for a folder, unless it can be written (its parent is made and
+    probed). Writers that never overwrite check this before they start."""
     loc = Location(out)
     if loc.is_s3:
         from moe_ray.storage import s3  # s3 builds on this module
