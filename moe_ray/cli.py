@@ -218,9 +218,6 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
     if address is None and not marker.is_file():
         typer.echo(f"error: no run {run!r} is running on this machine; for a cluster pass --address", err=True)
         raise typer.Exit(1)
-    from moe_ray.submit import enable_token_auth
-
-    enable_token_auth()
     with exit_on(ConnectionError):  # ClusterAddressError is one
         join(address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
     with exit_on(RunError, ValueError):

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import moe_ray
+from moe_ray.runtime.cluster import enable_token_auth
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster
 from moe_ray.storage import s3
@@ -28,23 +29,6 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_D
 
 class SubmitError(Exception):
     """A submission that cannot go ahead; the message says why."""
-
-
-def token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
-
-
-def enable_token_auth() -> None:
-    """Use Ray's token authentication in this process when a token is available and the mode is
-    not set explicitly (what Ray's own CLI does). The token itself is never read here."""
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # let Ray's cached config see the mode
-            from ray._raylet import Config
-
-            Config.initialize("")
-        except Exception:
-            pass
 
 
 def client(address: str):

@@ -144,3 +144,19 @@ def test_placement_plan_packs_the_recent_load_when_asked():
     assert state.desired_workers is None
     # Node-limited routing on two nodes of one rank each: nothing can move between nodes.
     assert always.plan_placement(EXPERTS, 2, [0, 1], True)["orders"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_read_only_arrays_from_ray_are_copied_in_without_a_warning(recwarn):
+    """Ray hands actors numpy arrays that are read-only views of its object store."""
+    state = CoordinatorState(LAYERS, EXPERTS, BALANCE, STEPS)
+    bias = np.full((LAYERS, EXPERTS), 0.5, dtype=np.float64)
+    frozen = counts(0)
+    for array in (bias, frozen):
+        array.setflags(write=False)
+    gen = state.begin(0, 2, bias)
+    state.reseed(gen, 0, 2, bias)
+    state.exchange(gen, 0, frozen, bias_digest(torch.full((LAYERS, EXPERTS), 0.5)))
+    assert [str(w.message) for w in recwarn] == []
+    bias.setflags(write=True)
+    bias[:] = 9.0  # the caller's array changing later does not reach the coordinator's bias
+    assert state.recent[0].dtype == torch.float32 and bool((state.recent[0] == 0.5).all())

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -29,13 +30,18 @@ def cli(*args, timeout=300, check=True):
     return proc
 
 
+class Head(NamedTuple):
+    dashboard: str  # http://127.0.0.1:PORT: the Jobs API (submit)
+    gcs: str  # 127.0.0.1:PORT: what `run --address` joins
+
+
 @pytest.fixture(scope="module")
-def ray_head():
+def head():
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    dash = free_port()
+    dash, gcs_port = free_port(), free_port()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live below it
@@ -51,7 +57,7 @@ def ray_head():
             # `--address auto` on this machine would find it after the test.
             f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
+            f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             # Not the fixed default 52365, which another Ray on this machine may hold.
             f"--dashboard-agent-listen-port={free_port()}",
@@ -78,9 +84,14 @@ def ray_head():
                 stop_head(head)
                 raise RuntimeError(f"the Ray head did not start (exit code {head.poll()})") from None
             time.sleep(0.5)
-    yield address
+    yield Head(address, f"127.0.0.1:{gcs_port}")
     stop_head(head)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head(head):
+    return head.dashboard
 
 
 def stop_head(head):
@@ -112,6 +123,40 @@ def test_jobs_api_refuses_a_client_without_the_token(ray_head):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
     assert err.value.code in (401, 403)
+
+
+def test_run_address_sends_this_machines_token_and_names_a_refused_one(head, tmp_path):
+    """Ray sends the token to an explicit address only in token mode, which `run --address`
+    turns on when a token exists; a refused token is named in seconds, not after 20 s of retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    probe = (
+        "import sys, ray; from moe_ray.runtime.cluster import join; "
+        "join(sys.argv[1]); print(ray.cluster_resources()['CPU'])"
+    )
+    joined = subprocess.run(
+        [sys.executable, "-c", probe, head.gcs], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert joined.returncode == 0 and joined.stdout.split()[-1] == "3.0", joined.stdout + joined.stderr
+
+    job = tmp_path / "token.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tmp_path / "runs", name="token").model_dump(mode="json")))
+    for extra, says in (
+        ({"RAY_AUTH_TOKEN": "0" * 32}, "this machine's token .* is not the cluster's"),
+        ({"HOME": str(tmp_path)}, "this machine has no Ray token"),  # no ~/.ray/auth_token there
+        ({"RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE=disabled here keeps this machine's token from being sent"),
+    ):
+        out = subprocess.run(
+            [str(BIN / "moe-ray"), "run", str(job), "--address", head.gcs],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert re.search(
+            f"--address {head.gcs}: the Ray cluster at .* uses token authentication and {says}", out.stderr
+        ), out.stderr
+        assert "Traceback" not in out.stderr and "0" * 32 not in out.stdout + out.stderr
 
 
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):
@@ -155,6 +200,9 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     resumed_id = re.search(r"submitted (\S+)", resumed)[1]
     followed = cli("logs", resumed_id, "--follow", "--address", ray_head, timeout=400).stdout
     assert "resumed at step 3" in followed and f"done: run {small_run}, 4 steps" in followed, followed[-3000:]
+    # Ray Train's INFO lines (each report's whole metrics dict, the worker group's start) do not
+    # drown the progress lines in the job's log.
+    assert "Reporting training result" not in followed and "training worker group" not in followed, followed
     # MLflow params cannot change: the first ones stay, a tag says what the resume changed (a
     # changed param used to fail every batch, and the resumed steps' metrics never arrived).
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2, 3]

@@ -1,11 +1,18 @@
 """Joining a running Ray cluster by address (`--address`), refusing at once one that cannot be:
-ray.init retries an address where nothing listens for minutes, silently, and meets a dashboard
-URL with a traceback."""
+ray.init retries an address where nothing listens for minutes, silently, meets a dashboard URL
+with a traceback, and tries a cluster that wants a token it was not given for 20 s.
+
+Ray's token authentication: ray.init sends this machine's token (RAY_AUTH_TOKEN, or
+~/.ray/auth_token) to an explicit address only when RAY_AUTH_MODE=token, so a user who gives
+their cluster's address would be refused by it. As Ray's own CLI does, token mode is turned on
+when a token exists and the mode is not set; the token itself is never read here.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -14,6 +21,27 @@ PROBE_TIMEOUT_S = 5.0
 
 class ClusterAddressError(ConnectionError):
     """An --address that no Ray cluster answers; the message says what to give instead."""
+
+
+def token_available() -> bool:
+    """A token where Ray looks for one: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    return (
+        any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
+
+
+def enable_token_auth() -> None:
+    """Use Ray's token authentication in this process (and its children) when a token is
+    available and RAY_AUTH_MODE is not set explicitly."""
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # let Ray's cached config see the mode
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:
+            pass
 
 
 def gcs_address(address: str) -> str | None:
@@ -61,9 +89,37 @@ def check_cluster_address(address: str) -> None:
             f"--address {address}: no Ray cluster answers{at}: check the address (the head's GCS port, 6379 by "
             "default), start one (ray start --head), or leave --address out for an embedded local Ray"
         ) from None
+    check_token_accepted(address, host_port)
+
+
+def check_token_accepted(address: str, host_port: str) -> None:
+    """One GCS call (0.2 s) to learn whether the cluster takes this machine's token: a refused
+    one fails ray.init only after 20 s of retries, with a bare ConnectionError."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a private API: when it moves, ray.init says what it says
+        return
+    try:
+        GcsClient(address=host_port)
+    except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            has = "this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
+        elif token_available():
+            has = f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} here keeps this machine's token from being sent"
+        else:
+            has = "this machine has no Ray token"
+        raise ClusterAddressError(
+            f"--address {address}: the Ray cluster at {host_port} uses token authentication and "
+            f"{has}: copy the cluster's token (`ray get-auth-token` on its head) to ~/.ray/auth_token, "
+            "or set RAY_AUTH_TOKEN, and unset RAY_AUTH_MODE or set it to token"
+        ) from None
+    except Exception:  # not an answer about the token: ray.init reports it
+        return
 
 
 def join(address: str, **init_kwargs) -> None:
-    """ray.init(address=...) once the address answers."""
+    """ray.init(address=...) once the address answers and takes this machine's token."""
+    enable_token_auth()
     check_cluster_address(address)
     ray.init(address=address, **init_kwargs)

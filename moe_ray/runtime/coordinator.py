@@ -39,6 +39,11 @@ HISTORY_POINTS = 512  # full per-step load records kept (heatmaps, the study, te
 LOAD_HORIZON_STEPS = 50  # the recent load a balanced placement packs: an average over ~this many steps
 
 
+def _copy_in(array, dtype) -> torch.Tensor:
+    """A tensor of its own from an array that arrived by Ray (read-only: torch.as_tensor warns)."""
+    return torch.tensor(np.asarray(array, dtype=dtype))
+
+
 def bias_digest(bias) -> str:
     """A short fingerprint of a bias tensor's exact bytes: equal digests, identical biases."""
     import hashlib
@@ -136,7 +141,7 @@ class CoordinatorState:
         self.generation += 1
         self.world_size = world_size
         if bias is not None:
-            self.bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
+            self.bias = _copy_in(bias, np.float32)
         self.bias_version = step
         self.recent = {step: self.bias}
         self.replies.clear()
@@ -154,7 +159,7 @@ class CoordinatorState:
     def reseed(self, generation: int, step: int, world_size: int, bias: np.ndarray) -> str:
         """After an actor restart: adopt the workers' generation and the bias they routed `step`
         with (rank 0 sends it; every rank holds the same, by broadcast)."""
-        bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).clone()
+        bias = _copy_in(bias, np.float32)
         if self.generation != generation:
             self.generation, self.world_size = generation, world_size
             self.bias, self.bias_version, self.recent = bias, step, {step: bias}
@@ -192,7 +197,7 @@ class CoordinatorState:
                 )
                 self.events.append({"event": "bias_mismatch", "step": step, "time": time.time()})
                 raise BiasMismatch(self.fatal)
-        total = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+        total = _copy_in(counts, np.int64)
         self.load_steps += 1
         if self.recent_load is None:
             self.recent_load = total.to(torch.float64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -34,6 +34,11 @@ log = logging.getLogger("moe_ray.driver")
 
 # Ray Train's own chatter (controller state, worker-group start lines) is not for our users.
 _QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def _worker_logs() -> bool:
+    """MOE_RAY_WORKER_LOGS=1: the workers' output on an embedded Ray, and Ray Train's INFO lines."""
+    return os.environ.get("MOE_RAY_WORKER_LOGS", "0") == "1"
 
 
 class RunError(Exception):
@@ -129,9 +134,11 @@ def connect(address: str | None, job: JobSpec) -> bool:
         return False
     env = {"env_vars": _QUIET_ENV}
     if address:
-        # No runtime_env here: inside a Ray job it would replace the job's own (its py_modules).
+        # Inside a Ray job (moe-ray submit) the job's runtime_env already has these variables,
+        # and one given here would replace it (its py_modules).
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         try:
-            join(address, logging_level=logging.WARNING, log_to_driver=True)
+            join(address, logging_level=logging.WARNING, log_to_driver=True, **({} if in_job else {"runtime_env": env}))
         except ClusterAddressError as err:
             raise RunError(str(err)) from None
         return False
@@ -142,7 +149,7 @@ def connect(address: str | None, job: JobSpec) -> bool:
         include_dashboard=False,
         runtime_env=env,
         logging_level=logging.WARNING,
-        log_to_driver=os.environ.get("MOE_RAY_WORKER_LOGS", "0") == "1",
+        log_to_driver=_worker_logs(),
     )
     return True
 
@@ -204,6 +211,7 @@ def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str
             "run_name": run_name,
             "data": data_uri,
             "bias_mode": bias_mode,
+            "ray_train_info_logs": _worker_logs(),
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -217,6 +225,9 @@ def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
             failure_config=FailureConfig(max_failures=res.max_failures),
+            # Ray Train's own INFO lines (each report's whole metrics dict, every worker group
+            # start) drown the progress lines wherever worker output reaches the driver.
+            logging_config=LoggingConfig(log_level="INFO" if _worker_logs() else "WARNING"),
         ),
     )
 

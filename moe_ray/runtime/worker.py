@@ -147,7 +147,19 @@ def distributed_eval(ctx: WorkerContext, model, windows: list[torch.Tensor]) -> 
     return float(loss), all_reduce_sum(result.counts.to(torch.int64), ctx.device)
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs each report's whole metrics dict at INFO under a logger named by its file's
+    path, which RunConfig's LoggingConfig (it filters `ray.train.*`) does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a private module: when it moves, its lines show
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    if not config.get("ray_train_info_logs"):
+        quiet_ray_train_reports()
     job = JobSpec.model_validate(config["job"])
     run_name = config["run_name"]
     tctx = ray.train.get_context()
