@@ -328,3 +328,28 @@ def test_scale_accepts_data_parallel_replicas_beyond_the_experts_with_ep_size(lo
         ray.kill(coord)
     # Without ep_size every worker holds distinct experts: no more workers than experts.
     assert scale_limits(tiny_job(tmp_path))["max"] == 8
+
+
+def test_scale_beyond_what_the_cluster_holds_is_refused(local_ray, tmp_path):
+    """Ray Train would wait for the missing resources without end; this Ray has 4 CPUs."""
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+    from moe_ray.runtime.driver import RunError, scale_limits
+
+    rule = {**scale_limits(tiny_job(tmp_path)), "per_worker": {"CPU": 1.5}}
+    coord = Coordinator.options(name=coordinator_name("too-big"), namespace=COORDINATOR_NAMESPACE).remote(
+        2, 8, {}, 10, rule
+    )
+    try:
+        ray.get(coord.begin.remote(0, 1, None))
+        with pytest.raises(
+            RunError,
+            match=r"cannot scale to 3 workers: 3 workers need 4\.5 CPU \(1\.5 each\) and "
+            r"the cluster has 4 in all, so at most 2 fit: add nodes, or scale to fewer",
+        ):
+            request_scale("too-big", 3)
+        assert request_scale("too-big", 2)["workers"] == 2
+    finally:
+        ray.kill(coord)
+    with pytest.raises(RunError, match="resources.workers: 5 workers need 5 CPU .* lower resources.workers"):
+        run_job(tiny_job(tmp_path, resources__workers=5), run_name="too-big")
+    assert not (tmp_path / "too-big").exists()  # refused before its data was prepared

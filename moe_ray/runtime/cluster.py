@@ -31,10 +31,11 @@ def token_available() -> bool:
     )
 
 
-def enable_token_auth() -> None:
+def enable_token_auth(local: bool = False) -> None:
     """Use Ray's token authentication in this process (and its children) when a token is
-    available and RAY_AUTH_MODE is not set explicitly."""
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
+    available and RAY_AUTH_MODE is not set explicitly. A `local` Ray started here makes its own
+    token when there is none, as Ray does by default; set here, Ray does not warn that it did."""
+    if "RAY_AUTH_MODE" not in os.environ and (local or token_available()):
         os.environ["RAY_AUTH_MODE"] = "token"
         try:  # let Ray's cached config see the mode
             from ray._raylet import Config
@@ -116,6 +117,33 @@ def check_token_accepted(address: str, host_port: str) -> None:
         ) from None
     except Exception:  # not an answer about the token: ray.init reports it
         return
+
+
+def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str) -> str | None:
+    """Why the cluster this process is connected to can never hold `workers` workers of
+    `per_worker` resources each, with the fix (`fewer`: how the caller asks for fewer), or None.
+    The limit is what an autoscaler may grow the cluster to when it has one (Ray Train checks
+    the same), else what it has now: Ray Train would wait for the missing resources without
+    end, retrying every minute."""
+    limit = None
+    try:
+        from ray._private.state import state
+
+        limit = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: without it, what the cluster has now
+        pass
+    has = "can grow to" if limit else "has"
+    limit = limit or ray.cluster_resources()
+    for name, each in per_worker.items():
+        need, have = each * workers, limit.get(name, 0)
+        if each > 0 and need > have + 1e-9:
+            why = f"{workers} workers need {need:g} {name} ({each:g} each) and the cluster {has} {have:g} in all"
+            if fit := int(have / each + 1e-9):
+                return f"{why}, so at most {fit} fit: add nodes, or {fewer}"
+            if name == "GPU":
+                return f"{why}: add GPU nodes, or set resources.use_gpu: auto (it trains on CPUs where there is no GPU)"
+            return f"{why}: add nodes"
+    return None
 
 
 def join(address: str, **init_kwargs) -> None:

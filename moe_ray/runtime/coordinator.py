@@ -33,6 +33,7 @@ import torch
 from moe_ray.balance import max_violation, next_bias
 from moe_ray.config import BalanceConfig
 from moe_ray.parallel.placement import ExpertPlacement, balanced_orders
+from moe_ray.runtime.cluster import capacity_problem
 
 RECENT_STEPS = 10_000  # step metrics and balance figures kept for the driver to read
 HISTORY_POINTS = 512  # full per-step load records kept (heatmaps, the study, tests)
@@ -297,6 +298,10 @@ class Coordinator:
             )
         if rule["ep_size"] and workers % rule["ep_size"]:
             raise ValueError(f"cannot scale to {workers} workers: resources.ep_size={rule['ep_size']} must divide it")
+        if workers > self.state.world_size and (
+            why := capacity_problem(workers, rule.get("per_worker", {}), fewer="scale to fewer")
+        ):
+            raise ValueError(f"cannot scale to {workers} workers: {why}")
         if workers == self.state.world_size:
             return {"world_size": self.state.world_size, "workers": workers, "unchanged": True}
         self.state.desired_workers = workers

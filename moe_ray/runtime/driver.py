@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
-from moe_ray.runtime.cluster import ClusterAddressError, join
+from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.prepare import at_most_every, progress_line
@@ -142,7 +142,8 @@ def connect(address: str | None, job: JobSpec) -> bool:
         except ClusterAddressError as err:
             raise RunError(str(err)) from None
         return False
-    need = int(job.resources.workers * job.resources.cpus_per_worker + 0.999)
+    need = int(job.resources.max_workers * job.resources.cpus_per_worker + 0.999)
+    enable_token_auth(local=True)
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, need),
@@ -158,6 +159,10 @@ def _use_gpu(job: JobSpec) -> bool:
     if job.resources.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
     return bool(job.resources.use_gpu)
+
+
+def resources_per_worker(job: JobSpec) -> dict[str, float]:
+    return {"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if _use_gpu(job) else {})}
 
 
 def run_job(
@@ -200,7 +205,7 @@ def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str
     trainer of a run has the same RunConfig(name, storage): it resumes the run's checkpoints."""
     res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
-    use_gpu = _use_gpu(job)
+    per_worker = resources_per_worker(job)
     elastic = isinstance(workers, tuple)
     return TorchTrainer(
         train_loop_per_worker,
@@ -215,8 +220,8 @@ def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            use_gpu="GPU" in per_worker,
+            resources_per_worker=per_worker,
             **({"elastic_resize_monitor_interval_s": res.elastic_resize_interval_s} if elastic else {}),
         ),
         run_config=RunConfig(
@@ -295,13 +300,16 @@ def _poll(coordinator, progress: Progress, cursor: _Cursor) -> dict | None:
 def _run(
     job: JobSpec, run_name: str, on_progress, poll_s: float, start: float, bias_mode: str, address: str | None
 ) -> RunResult:
+    res = job.resources
+    workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
+    per_worker = resources_per_worker(job)
+    if why := capacity_problem(res.min_workers, per_worker, fewer="lower resources.workers"):
+        raise RunError(f"resources.workers: {why}")
     # Raw data on the run's first use: a log line about its preparation every 10 s.
     progress = at_most_every(10.0, lambda p: log.warning("data: preparing, %s", progress_line(p)))
     data_uri, description = run_dataset(job, run_name, on_progress=progress)
     log.warning("data: %s", redact(description))
-    res = job.resources
-    workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
-    scale_rule = scale_limits(job)
+    scale_rule = {**scale_limits(job), "per_worker": per_worker}
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
     # node that may be lost (it would survive that too, by restarting and re-seeding).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
