@@ -2,6 +2,7 @@
 and a killed coordinator. Every run must end with exactly the losses, samples and bias of an
 uninterrupted run."""
 
+import logging
 import os
 import signal
 import time
@@ -353,3 +354,30 @@ def test_scale_beyond_what_the_cluster_holds_is_refused(local_ray, tmp_path):
     with pytest.raises(RunError, match="resources.workers: 5 workers need 5 CPU .* lower resources.workers"):
         run_job(tiny_job(tmp_path, resources__workers=5), run_name="too-big")
     assert not (tmp_path / "too-big").exists()  # refused before its data was prepared
+
+
+def test_a_group_waiting_for_resources_says_why_and_starts_when_they_are_free(local_ray, tmp_path, monkeypatch, caplog):
+    """Another holder has 3 of this Ray's 4 CPUs: the run's 2 workers wait (quietly: no Ray Train
+    traceback each minute), the driver says why, and the run starts once they are freed."""
+    from moe_ray.runtime import driver
+
+    monkeypatch.setattr(driver._StartWatch, "FIRST_S", 1.0)
+    hold = ray.util.placement_group([{"CPU": 3}])
+    ray.get(hold.ready())
+    notices, held = [], [hold]
+
+    def free_after_the_notice(progress):
+        notices.extend(r.getMessage() for r in caplog.records if "waiting for resources" in r.getMessage())
+        caplog.clear()
+        if notices and held:
+            ray.util.remove_placement_group(held.pop())
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="moe_ray.driver"):
+            result = run_job(tiny_job(tmp_path, train__steps=2), run_name="waits", on_progress=free_after_the_notice)
+    finally:
+        for group in held:
+            ray.util.remove_placement_group(group)
+    assert notices and result.final_step == 2
+    assert notices[0].startswith("waiting for resources: 2 workers need 2 CPU (1 of the cluster's 4 are free)")
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ  # set for the run only

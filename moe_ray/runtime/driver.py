@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,15 +324,17 @@ def _run(
     progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
     cursor = _Cursor()
     while True:
-        outcome = _fit_and_follow(
-            _trainer(job, run_name, workers, data_uri, bias_mode),
-            coordinator,
-            progress,
-            cursor,
-            tracking,
-            on_progress,
-            poll_s,
-        )
+        with _quiet_wait(workers):
+            outcome = _fit_and_follow(
+                _trainer(job, run_name, workers, data_uri, bias_mode),
+                _StartWatch(progress, workers, per_worker),
+                coordinator,
+                progress,
+                cursor,
+                tracking,
+                on_progress,
+                poll_s,
+            )
         if "error" in outcome:
             tracking.finish(None, coordinator, status="FAILED")
             raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
@@ -368,7 +371,64 @@ def _run(
     return run_result
 
 
-def _fit_and_follow(trainer, coordinator, progress, cursor, tracking, on_progress, poll_s) -> dict:
+class _StartWatch:
+    """Says why a worker group has not started when Ray Train waits for its resources: other
+    runs or jobs hold them. Ray Train itself only logs a traceback each time its startup times
+    out, and for a fixed-size group that timeout is raised (see _quiet_wait)."""
+
+    FIRST_S, EVERY_S = 30.0, 300.0
+
+    def __init__(self, progress: Progress, workers, per_worker: dict[str, float]):
+        self.workers = workers[0] if isinstance(workers, tuple) else workers
+        self.per_worker = per_worker
+        self.placed = self._placements(progress)
+        self.next_s = time.time() + self.FIRST_S
+
+    @staticmethod
+    def _placements(progress: Progress) -> int:
+        return sum(e.get("event") == "placement" for e in progress.events)
+
+    def check(self, progress: Progress) -> None:
+        if time.time() < self.next_s or self._placements(progress) > self.placed:
+            return
+        self.next_s = time.time() + self.FIRST_S
+        bundles = {i: self.per_worker for i in range(self.workers)}
+        pending = [g for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"]
+        if not any({int(i): b for i, b in g["bundles"].items()} == bundles for g in pending):
+            return  # placed: the group is loading its state, not waiting
+        free, total = ray.available_resources(), ray.cluster_resources()
+        short = ", ".join(
+            f"{each * self.workers:g} {name} ({free.get(name, 0):g} of the cluster's {total.get(name, 0):g} are free)"
+            for name, each in self.per_worker.items()
+            if each * self.workers > free.get(name, 0)
+        )
+        if short:  # else they are being freed (a group that just stopped): look again soon
+            self.next_s = time.time() + self.EVERY_S
+            log.warning(
+                "waiting for resources: %d workers need %s; other runs or jobs hold the rest (ray status shows "
+                "them), and the run goes on when they are free",
+                self.workers,
+                short,
+            )
+
+
+@contextmanager
+def _quiet_wait(workers):
+    """A fixed-size group waits for its resources with Ray Train's startup timeout at an hour, not
+    60 s: each timeout logs a traceback, and _StartWatch says why it waits. An elastic group
+    keeps 60 s, after which Ray Train sizes it again from what is free. A value the user set wins."""
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    if isinstance(workers, tuple) or name in os.environ:
+        yield
+        return
+    os.environ[name] = "3600"  # Ray Train passes it on to the controller it starts in fit()
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _fit_and_follow(trainer, watch: _StartWatch, coordinator, progress, cursor, tracking, on_progress, poll_s) -> dict:
     """trainer.fit() in a thread; meanwhile stream progress to the callback and to MLflow."""
     outcome: dict = {}
 
@@ -386,6 +446,7 @@ def _fit_and_follow(trainer, coordinator, progress, cursor, tracking, on_progres
         tracking.update(progress, coordinator)
         if on_progress:
             on_progress(progress)
+        watch.check(progress)
         if not alive:
             return outcome
         thread.join(timeout=poll_s)
