@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shlex
 import sys
 from typing import Annotated
 
@@ -89,7 +91,7 @@ def run(
     from moe_ray.console import ProgressReporter, console
     from moe_ray.data import DataError
     from moe_ray.hf.layout import LayoutError
-    from moe_ray.runtime.driver import RunError, run_job
+    from moe_ray.runtime.driver import RunError, RunInterrupted, run_job
     from moe_ray.storage.s3 import StorageError
 
     job = _load(job_file, set_)
@@ -99,6 +101,19 @@ def run(
         result = run_job(
             job, address=address, resume=(run_name or True) if resume else None, run_name=run_name, on_progress=reporter
         )
+    except RunInterrupted as err:
+        reporter.close()
+        sets = [f"--set {shlex.quote(s)}" for s in set_ or []]
+        go_on = ["--resume", "--run", err.run_name] if err.checkpoint_step else []
+        if os.environ.get("MOE_RAY_SUBMISSION_ID"):  # a submitted job, stopped by `moe-ray stop`
+            again = ["moe-ray submit JOB", *go_on, "--address http://HEAD:8265 (and the job's --set options)"]
+        else:
+            again = ["moe-ray run", shlex.quote(job_file), *sets, *go_on] + (
+                [f"--address {address}"] if address else []
+            )
+        how = "continue it with" if err.checkpoint_step else "start it again with"
+        console.print(f"{err}: {how} {' '.join(again)}", highlight=False)
+        raise typer.Exit(130) from None
     except (RunError, StorageError, DataError, LayoutError) as err:
         reporter.close()
         console.print(f"[red]error:[/red] {err}")

@@ -290,7 +290,8 @@ def test_what_the_driver_had_not_read_survives_a_coordinator_restart(local_ray):
         for step in range(6):
             rank0.submit(step, torch.ones(2, 8, dtype=torch.int64))
             rank0.next_bias(step)  # after step 4's exchange: a new coordinator, which asks for a seed
-            records.send({"step": step, "loss": 10.0 - step})
+            # An async actor runs calls in no set order: step 3's record is in before the poll.
+            records.send({"step": step, "loss": 10.0 - step}, wait=step == 3)
             if step == 3:
                 _poll(coord, progress, cursor)  # the driver reads up to step 3 ...
             if step == 4:  # ... step 4 is recorded, and the coordinator dies before the next poll

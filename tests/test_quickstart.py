@@ -1,6 +1,8 @@
 """The quickstart job end to end through the CLI, as `make run` runs it."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,14 +83,6 @@ def quickstart(tmp_path, *settings, timeout=300):
     )
 
 
-@pytest.mark.slow
-def test_an_elastic_job_runs_on_the_embedded_ray(tmp_path):
-    proc = quickstart(tmp_path, "resources.workers={min: 1, max: 2}", "train.steps=2", "train.eval_every=2")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]  # a TypeError sizing the embedded Ray, before
-    assert re.search(r"32 experts over [12] workers", out) and "done: run" in out, out[-3000:]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for GPUs this machine must not have")
 def test_a_job_the_cluster_cannot_hold_is_refused_before_its_data(tmp_path):
     """Ray Train would wait for the missing GPUs without end, retrying every minute."""
@@ -99,3 +93,42 @@ def test_a_job_the_cluster_cannot_hold_is_refused_before_its_data(tmp_path):
         "or set resources.use_gpu: auto" in proc.stderr
     )
     assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("manifest.json"))  # no data prepared
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_marks_it_killed_and_says_how_to_continue(tmp_path):
+    """On an elastic job (one run for both: a TypeError sizing the embedded Ray failed those)."""
+    from mlflow.tracking import MlflowClient
+
+    cli = Path(sys.executable).parent / "moe-ray"
+    sets = ["--set", f"checkpoint.storage={tmp_path}", "--set", "checkpoint.every=10", "--set", "train.log_every=5"]
+    sets += ["--set", "resources.workers={min: 1, max: 2}"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the local store in cwd
+    job = str(ROOT / "jobs" / "quickstart.yaml")
+    proc = subprocess.Popen(
+        [str(cli), "run", job, *sets, "--run", "stopped"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "checkpoint @ step 10" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert re.search(
+        r"interrupted: run stopped stopped after \d+ steps; its newest checkpoint is of step 10: continue "
+        rf"it with moe-ray run {job} --set checkpoint.storage={tmp_path} .* --resume --run stopped",
+        out,
+    ), out[-3000:]
+    assert re.search(r"32 experts over [12] workers", out) and "'resources.workers={min: 1, max: 2}'" in out
+    assert "Traceback" not in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow_runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in mlflow_runs] == [("stopped", "KILLED")]

@@ -235,6 +235,16 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     while "STOPPED" not in cli("status", long_id, "--address", ray_head).stdout:
         assert time.time() < deadline
         time.sleep(1)
+    # Ray stops a job's driver with SIGTERM (SIGKILL 3 s later), taken as Ctrl-C: the MLflow run
+    # is KILLED, not RUNNING for ever, and the log says how to go on.
+    [long_run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{long_id}'")
+    assert long_run.info.status == "KILLED"
+    stopped = " ".join(cli("logs", long_id, "--address", ray_head).stdout.split())
+    assert re.search(
+        r"interrupted: run long-\S+ stopped after \d+ steps; its newest checkpoint is of step \d+: "
+        r"continue it with moe-ray submit JOB --resume --run long-",
+        stopped,
+    ), stopped[-2000:]
 
     listing = cli("list", "--address", ray_head).stdout
     assert re.search(rf"{re.escape(sub_id)}\s+SUCCEEDED\s+small-", listing)

@@ -4,14 +4,16 @@ with a traceback, and tries a cluster that wants a token it was not given for 20
 
 Ray's token authentication: ray.init sends this machine's token (RAY_AUTH_TOKEN, or
 ~/.ray/auth_token) to an explicit address only when RAY_AUTH_MODE=token, so a user who gives
-their cluster's address would be refused by it. As Ray's own CLI does, token mode is turned on
-when a token exists and the mode is not set; the token itself is never read here.
+their cluster's address would be refused by it. Token mode is turned on when the cluster asks
+for a token, one exists, and the mode is not set; the token itself is never read here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import ray
@@ -78,6 +80,7 @@ def check_cluster_address(address: str) -> None:
                 "--address auto: no Ray cluster was started on this machine (ray start) and RAY_ADDRESS is not "
                 "set: give the cluster's address (HEAD:6379), or leave --address out for an embedded local Ray"
             )
+        enable_token_auth()  # cannot ask the cluster: send the token if there is one
         return
     host, _, port = host_port.rpartition(":")
     try:
@@ -93,30 +96,55 @@ def check_cluster_address(address: str) -> None:
     check_token_accepted(address, host_port)
 
 
+@contextlib.contextmanager
+def _stderr_muted():
+    """File descriptor 2 to /dev/null for a moment: what C++ code writes there too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def check_token_accepted(address: str, host_port: str) -> None:
-    """One GCS call (0.2 s) to learn whether the cluster takes this machine's token: a refused
-    one fails ray.init only after 20 s of retries, with a bare ConnectionError."""
+    """One GCS call (0.2 s) to learn whether the cluster takes this process as it is, else with
+    this machine's token (token mode is turned on only then: a cluster without authentication
+    is joined as Ray would join it). A refused token fails ray.init only after 20 s of retries,
+    with a bare ConnectionError."""
     try:
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
-    except ImportError:  # a private API: when it moves, ray.init says what it says
+    except ImportError:  # a private API: when it moves, send the token if there is one
+        enable_token_auth()
         return
-    try:
-        GcsClient(address=host_port)
-    except AuthenticationError:
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-            has = "this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
-        elif token_available():
-            has = f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} here keeps this machine's token from being sent"
-        else:
-            has = "this machine has no Ray token"
-        raise ClusterAddressError(
-            f"--address {address}: the Ray cluster at {host_port} uses token authentication and "
-            f"{has}: copy the cluster's token (`ray get-auth-token` on its head) to ~/.ray/auth_token, "
-            "or set RAY_AUTH_TOKEN, and unset RAY_AUTH_MODE or set it to token"
-        ) from None
-    except Exception:  # not an answer about the token: ray.init reports it
-        return
+    for attempt in ("as is", "with the token"):
+        try:
+            # Ray's C++ client logs the refusal itself; the first one is expected here.
+            with _stderr_muted() if attempt == "as is" and token_available() else contextlib.nullcontext():
+                GcsClient(address=host_port)
+            return
+        except AuthenticationError:
+            if attempt == "as is" and "RAY_AUTH_MODE" not in os.environ and token_available():
+                enable_token_auth()
+                continue
+        except Exception:  # not an answer about the token: ray.init reports it
+            return
+        break
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        has = "this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
+    elif token_available():
+        has = f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} here keeps this machine's token from being sent"
+    else:
+        has = "this machine has no Ray token"
+    raise ClusterAddressError(
+        f"--address {address}: the Ray cluster at {host_port} uses token authentication and "
+        f"{has}: copy the cluster's token (`ray get-auth-token` on its head) to ~/.ray/auth_token, "
+        "or set RAY_AUTH_TOKEN, and unset RAY_AUTH_MODE or set it to token"
+    )
 
 
 def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str) -> str | None:
@@ -147,7 +175,6 @@ def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str) -> 
 
 
 def join(address: str, **init_kwargs) -> None:
-    """ray.init(address=...) once the address answers and takes this machine's token."""
-    enable_token_auth()
+    """ray.init(address=...) once the address answers, with this machine's token if it wants one."""
     check_cluster_address(address)
     ray.init(address=address, **init_kwargs)

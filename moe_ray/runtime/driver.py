@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,16 @@ def _worker_logs() -> bool:
 
 class RunError(Exception):
     """A run that cannot start or did not finish; the message says why and what to do."""
+
+
+class RunInterrupted(RunError):
+    """Ctrl-C (or `moe-ray stop`, which interrupts a job's driver): the workers are stopped, the
+    MLflow run is marked KILLED, and the run continues from its newest complete checkpoint."""
+
+    def __init__(self, run_name: str, steps_done: int, checkpoint_step: int | None):
+        self.run_name, self.steps_done, self.checkpoint_step = run_name, steps_done, checkpoint_step
+        held = f"its newest checkpoint is of step {checkpoint_step}" if checkpoint_step else "it has no checkpoint yet"
+        super().__init__(f"interrupted: run {run_name} stopped after {steps_done} steps; {held}")
 
 
 @dataclass
@@ -189,11 +200,31 @@ def run_job(
         # Where this run's Ray is, for `moe-ray scale RUN` from another shell on this machine.
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(ray.get_runtime_context().gcs_address)
-        return _run(job, run_name, on_progress, poll_s, start, bias_mode, address)
+        with _sigterm_as_interrupt():
+            return _run(job, run_name, on_progress, poll_s, start, bias_mode, address)
     finally:
         marker.unlink(missing_ok=True)
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM taken as Ctrl-C: `moe-ray stop` (Ray's job stop) ends a job's driver with it, and
+    with SIGKILL 3 s later; so the run is marked KILLED and says how to go on. (ray.init set a
+    handler that exits at once, and on an embedded Ray first kills the coordinator.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_marker(run_name: str) -> Path:
@@ -323,29 +354,35 @@ def _run(
     log.warning(tracking.hint())
     progress = Progress(run_name=run_name, total_steps=job.train.steps, started=start)
     cursor = _Cursor()
-    while True:
-        with _quiet_wait(workers):
-            outcome = _fit_and_follow(
-                _trainer(job, run_name, workers, data_uri, bias_mode),
-                _StartWatch(progress, workers, per_worker),
-                coordinator,
-                progress,
-                cursor,
-                tracking,
-                on_progress,
-                poll_s,
-            )
-        if "error" in outcome:
-            tracking.finish(None, coordinator, status="FAILED")
-            raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
+    try:
+        while True:
+            with _quiet_wait(workers):
+                outcome = _fit_and_follow(
+                    _trainer(job, run_name, workers, data_uri, bias_mode),
+                    _StartWatch(progress, workers, per_worker),
+                    coordinator,
+                    progress,
+                    cursor,
+                    tracking,
+                    on_progress,
+                    poll_s,
+                )
+            if "error" in outcome:
+                tracking.finish(None, coordinator, status="FAILED")
+                raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
+            done = progress.last["step"] + 1 if progress.last else 0
+            desired = ray.get(coordinator.desired_workers.remote())
+            if desired is None or done >= job.train.steps:
+                break
+            # `moe-ray scale`: the workers stopped at a step boundary with a checkpoint; a new worker
+            # group of the asked size resumes it (same run name and storage, same coordinator).
+            workers = desired
+            ray.get(coordinator.scale_done.remote())
+    except KeyboardInterrupt:  # the workers stop with this process's Ray; the run continues by --resume
+        tracking.finish(None, coordinator, status="KILLED")
         done = progress.last["step"] + 1 if progress.last else 0
-        desired = ray.get(coordinator.desired_workers.remote())
-        if desired is None or done >= job.train.steps:
-            break
-        # `moe-ray scale`: the workers stopped at a step boundary with a checkpoint; a new worker
-        # group of the asked size resumes it (same run name and storage, same coordinator).
-        workers = desired
-        ray.get(coordinator.scale_done.remote())
+        complete = [c for c in list_checkpoints(run_location(job.checkpoint.storage, run_name)) if c.complete]
+        raise RunInterrupted(run_name, done, complete[-1].step if complete else None) from None
     result = outcome["result"]
     history = ray.get(coordinator.load_history.remote())
     consistency = ray.get(coordinator.bias_consistency.remote())
