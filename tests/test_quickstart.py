@@ -112,6 +112,8 @@ def test_ctrl_c_stops_the_run_marks_it_killed_and_says_how_to_continue(tmp_path)
         text=True,
         cwd=tmp_path,
         env=env,
+        # A shell's background job (CI's, perhaps) ignores SIGINT, and its children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stdout:
