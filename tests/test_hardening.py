@@ -25,6 +25,22 @@ def test_empty_or_non_mapping_job_file_is_refused(tmp_path, text):
     assert re.search(r"the job file is empty|must be a YAML mapping", out.output), out.output
 
 
+@pytest.mark.slow
+def test_an_address_where_something_else_listens_is_named_after_rays_gcs_timeout():
+    """A dashboard's port given without http:// (or any other server): Ray's GCS client waits
+    its 40 s, then the address is named; ray.init waited on it for more than 5 minutes."""
+    import socket
+
+    from moe_ray.runtime.cluster import ClusterAddressError, check_cluster_address
+
+    with socket.create_server(("0.0.0.0", 0)) as server:  # Ray dials this node's IP for 127.0.0.1
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(
+            ClusterAddressError, match=f"--address {address}: something listens at .*, but no Ray cluster"
+        ):
+            check_cluster_address(address)
+
+
 def test_an_address_no_ray_cluster_answers_is_refused_at_once(tmp_path, monkeypatch):
     """ray.init retried a closed port for minutes without a word, and met a dashboard URL (what
     `submit` takes) with a traceback."""

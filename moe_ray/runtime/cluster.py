@@ -117,7 +117,7 @@ def check_token_accepted(address: str, host_port: str) -> None:
     with a bare ConnectionError."""
     try:
         from ray._raylet import GcsClient
-        from ray.exceptions import AuthenticationError
+        from ray.exceptions import AuthenticationError, RpcError
     except ImportError:  # a private API: when it moves, send the token if there is one
         enable_token_auth()
         return
@@ -131,6 +131,14 @@ def check_token_accepted(address: str, host_port: str) -> None:
             if attempt == "as is" and "RAY_AUTH_MODE" not in os.environ and token_available():
                 enable_token_auth()
                 continue
+        except RpcError as err:
+            if "Timed out" not in str(err):
+                return  # not an answer about the address or the token: ray.init reports it
+            raise ClusterAddressError(
+                f"--address {address}: something listens at {host_port}, but no Ray cluster answered there "
+                "within Ray's 40 s: give the head's GCS port (6379 by default; 8265 is its dashboard, which "
+                "`moe-ray submit --address http://HEAD:8265` takes)"
+            ) from None
         except Exception:  # not an answer about the token: ray.init reports it
             return
         break
