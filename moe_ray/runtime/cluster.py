@@ -121,27 +121,33 @@ def check_token_accepted(address: str, host_port: str) -> None:
     except ImportError:  # a private API: when it moves, send the token if there is one
         enable_token_auth()
         return
-    for attempt in ("as is", "with the token"):
-        try:
-            # Ray's C++ client logs the refusal itself; the first one is expected here.
-            with _stderr_muted() if attempt == "as is" and token_available() else contextlib.nullcontext():
+
+    def accepted(muted: bool = False) -> bool:
+        # Ray's C++ client logs a refusal itself; a first one, before the token is tried, is expected.
+        with _stderr_muted() if muted else contextlib.nullcontext():
+            try:
                 GcsClient(address=host_port)
+            except AuthenticationError:
+                return False
+        return True
+
+    try:
+        if accepted(muted=token_available()):
             return
-        except AuthenticationError:
-            if attempt == "as is" and "RAY_AUTH_MODE" not in os.environ and token_available():
-                enable_token_auth()
-                continue
-        except RpcError as err:
-            if "Timed out" not in str(err):
-                return  # not an answer about the address or the token: ray.init reports it
-            raise ClusterAddressError(
-                f"--address {address}: something listens at {host_port}, but no Ray cluster answered there "
-                "within Ray's 40 s: give the head's GCS port (6379 by default; 8265 is its dashboard, which "
-                "`moe-ray submit --address http://HEAD:8265` takes)"
-            ) from None
-        except Exception:  # not an answer about the token: ray.init reports it
-            return
-        break
+        if "RAY_AUTH_MODE" not in os.environ and token_available():
+            enable_token_auth()
+            if accepted():
+                return
+    except RpcError as err:
+        if "Timed out" not in str(err):
+            return  # not an answer about the address or the token: ray.init reports it
+        raise ClusterAddressError(
+            f"--address {address}: something listens at {host_port}, but no Ray cluster answered there "
+            "within Ray's 40 s: give the head's GCS port (6379 by default; 8265 is its dashboard, which "
+            "`moe-ray submit --address http://HEAD:8265` takes)"
+        ) from None
+    except Exception:  # not an answer about the token: ray.init reports it
+        return
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         has = "this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
     elif token_available():

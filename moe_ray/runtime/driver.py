@@ -232,12 +232,14 @@ def run_marker(run_name: str) -> Path:
     return cache_dir() / "runs" / f"{run_name}.address"
 
 
-def _trainer(job: JobSpec, run_name: str, workers, data_uri: str, bias_mode: str) -> TorchTrainer:
-    """A TorchTrainer for `workers` (a count, or (min, max) for Ray Train's elastic mode). Every
-    trainer of a run has the same RunConfig(name, storage): it resumes the run's checkpoints."""
+def _trainer(
+    job: JobSpec, run_name: str, workers, per_worker: dict[str, float], data_uri: str, bias_mode: str
+) -> TorchTrainer:
+    """A TorchTrainer for `workers` (a count, or (min, max) for Ray Train's elastic mode) of
+    `per_worker` resources. Every trainer of a run has the same RunConfig(name, storage): it
+    resumes the run's checkpoints."""
     res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
-    per_worker = resources_per_worker(job)
     elastic = isinstance(workers, tuple)
     return TorchTrainer(
         train_loop_per_worker,
@@ -358,7 +360,7 @@ def _run(
         while True:
             with _quiet_wait(workers):
                 outcome = _fit_and_follow(
-                    _trainer(job, run_name, workers, data_uri, bias_mode),
+                    _trainer(job, run_name, workers, per_worker, data_uri, bias_mode),
                     _StartWatch(progress, workers, per_worker),
                     coordinator,
                     progress,
