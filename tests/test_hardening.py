@@ -191,3 +191,12 @@ def test_the_job_file_sent_to_a_cluster_keeps_credentials_as_references(tmp_path
     # On the cluster, with the same environment, the file is the same job.
     (tmp_path / "sent.yaml").write_text(sent)
     assert load_job(tmp_path / "sent.yaml").model_dump() == job.model_dump()
+
+
+def test_help_shows_flags_as_flags():
+    # A flag followed by a type reads as an option that takes a value (typer 0.29 printed "<bool>").
+    out = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "120"})
+    assert out.exit_code == 0, out.output
+    for flag in ("--resume", "--help"):
+        line = next(line for line in out.output.splitlines() if flag in line)
+        assert "bool" not in line.lower(), line
