@@ -382,3 +382,34 @@ def test_a_group_waiting_for_resources_says_why_and_starts_when_they_are_free(lo
     assert notices and result.final_step == 2
     assert notices[0].startswith("waiting for resources: 2 workers need 2 CPU (1 of the cluster's 4 are free)")
     assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ  # set for the run only
+
+
+@ray.remote
+def _send_records(coord, n: int) -> None:
+    from moe_ray.runtime.bias_client import CoordinatorRecords
+
+    records = CoordinatorRecords(coord)
+    for step in range(n):
+        records.send({"step": step, "pad": "x" * 1000 * (step % 7)}, wait=step == n - 1)
+
+
+@ray.remote
+def _poll_often(coord, n: int) -> None:
+    for _ in range(n):
+        ray.get(coord.progress.remote(0, 0, 0))
+
+
+def test_records_reach_the_coordinator_in_the_order_rank_0_sent_them(local_ray):
+    """The driver's merge reads a lower step as a restart's rewind, so a swapped pair would drop a
+    step. Unchained, an async actor started these calls out of order (over 100 swaps in 5000)."""
+    from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
+
+    coord = Coordinator.options(name=coordinator_name("ordered"), namespace=COORDINATOR_NAMESPACE).remote(2, 8, {}, 10)
+    try:
+        pollers = [_poll_often.remote(coord, 200) for _ in range(2)]  # other callers keep the actor busy
+        ray.get(_send_records.remote(coord, 2000))
+        ray.get(pollers)
+        steps = [m["step"] for m in ray.get(coord.progress.remote(0, 0, 0))["metrics"]]
+        assert steps == list(range(2000))
+    finally:
+        ray.kill(coord)

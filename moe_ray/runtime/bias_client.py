@@ -45,15 +45,19 @@ class CoordinatorRecords:
     def __init__(self, coordinator, keep: int = RESENT_RECORDS):
         self.coordinator = coordinator
         self.recent: deque[dict] = deque(maxlen=keep)
+        self.last = None  # the previous send: the next one runs after it
 
     def send(self, entry: dict, wait: bool = False) -> None:
         self.recent.append(entry)
-        sent = self.coordinator.record.remote(entry)
+        # The coordinator is an async actor, which may start calls in any order (they did swap
+        # under load): each call waits on the previous one's result, which Ray resolves first.
+        self.last = self.coordinator.record.remote(entry, after=self.last)
         if wait:
-            ray.get(sent)
+            ray.get(self.last)
 
     def resend(self) -> None:
-        ray.get(self.coordinator.record.remote(*self.recent), timeout=COORDINATOR_REPLY_TIMEOUT_S)
+        self.last = self.coordinator.record.remote(*self.recent)
+        ray.get(self.last, timeout=COORDINATOR_REPLY_TIMEOUT_S)
 
 
 class CoordinatorBias:

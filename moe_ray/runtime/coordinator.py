@@ -342,9 +342,10 @@ class Coordinator:
     async def current_bias(self) -> tuple[int, np.ndarray]:
         return self.state.bias_version, self.state.bias.numpy().copy()
 
-    async def record(self, *entries: dict) -> None:
+    async def record(self, *entries: dict, after=None) -> None:
         """Rank 0's metrics of a step, or an event (eval, checkpoint) when it has an 'event' key;
-        several at once when rank 0 sends its newest again after a restart of this actor."""
+        several at once when rank 0 sends its newest again after a restart of this actor.
+        `after` is the previous record call, which Ray has run before this one starts."""
         for entry in entries:
             (self.state.events if "event" in entry else self.state.metrics).append(entry)
 
