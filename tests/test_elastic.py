@@ -337,7 +337,7 @@ def test_scale_beyond_what_the_cluster_holds_is_refused(local_ray, tmp_path):
     from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
     from moe_ray.runtime.driver import RunError, scale_limits
 
-    rule = {**scale_limits(tiny_job(tmp_path)), "per_worker": {"CPU": 1.5}}
+    rule = {**scale_limits(tiny_job(tmp_path)), "per_worker": {"CPU": 1.5}}  # as a run on a cluster has it
     coord = Coordinator.options(name=coordinator_name("too-big"), namespace=COORDINATOR_NAMESPACE).remote(
         2, 8, {}, 10, rule
     )
@@ -352,7 +352,12 @@ def test_scale_beyond_what_the_cluster_holds_is_refused(local_ray, tmp_path):
         assert request_scale("too-big", 2)["workers"] == 2
     finally:
         ray.kill(coord)
-    with pytest.raises(RunError, match="resources.workers: 5 workers need 5 CPU .* lower resources.workers"):
+    # A run on this machine's own Ray (no --address, as here): no node can join it.
+    with pytest.raises(
+        RunError,
+        match=r"resources.workers: 5 workers need 5 CPU .* this machine's Ray has 4 in all, so at most 4 fit: "
+        r"run the job on a Ray cluster \(--address\), or lower resources.workers",
+    ):
         run_job(tiny_job(tmp_path, resources__workers=5), run_name="too-big")
     assert not (tmp_path / "too-big").exists()  # refused before its data was prepared
 

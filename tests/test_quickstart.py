@@ -89,8 +89,8 @@ def test_a_job_the_cluster_cannot_hold_is_refused_before_its_data(tmp_path):
     proc = quickstart(tmp_path, "resources.use_gpu=true")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert (
-        "resources.workers: 2 workers need 2 GPU (1 each) and the cluster has 0 in all: add GPU nodes, "
-        "or set resources.use_gpu: auto" in proc.stderr
+        "resources.workers: 2 workers need 2 GPU (1 each) and this machine's Ray has 0 in all: run the job "
+        "on a cluster with GPU nodes (--address), or set resources.use_gpu: auto" in proc.stderr
     )
     assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("manifest.json"))  # no data prepared
 

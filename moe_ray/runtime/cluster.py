@@ -161,12 +161,12 @@ def check_token_accepted(address: str, host_port: str) -> None:
     )
 
 
-def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str) -> str | None:
+def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str, local: bool = False) -> str | None:
     """Why the cluster this process is connected to can never hold `workers` workers of
     `per_worker` resources each, with the fix (`fewer`: how the caller asks for fewer), or None.
     The limit is what an autoscaler may grow the cluster to when it has one (Ray Train checks
     the same), else what it has now: Ray Train would wait for the missing resources without
-    end, retrying every minute."""
+    end, retrying every minute. `local`: the run's Ray is this machine's own, which no node joins."""
     limit = None
     try:
         from ray._private.state import state
@@ -176,15 +176,18 @@ def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str) -> 
         pass
     has = "can grow to" if limit else "has"
     limit = limit or ray.cluster_resources()
+    where = "this machine's Ray" if local else "the cluster"
+    more = "run the job on a Ray cluster (--address)" if local else "add nodes"
     for name, each in per_worker.items():
         need, have = each * workers, limit.get(name, 0)
         if each > 0 and need > have + 1e-9:
-            why = f"{workers} workers need {need:g} {name} ({each:g} each) and the cluster {has} {have:g} in all"
+            why = f"{workers} workers need {need:g} {name} ({each:g} each) and {where} {has} {have:g} in all"
             if fit := int(have / each + 1e-9):
-                return f"{why}, so at most {fit} fit: add nodes, or {fewer}"
+                return f"{why}, so at most {fit} fit: {more}, or {fewer}"
             if name == "GPU":
-                return f"{why}: add GPU nodes, or set resources.use_gpu: auto (it trains on CPUs where there is no GPU)"
-            return f"{why}: add nodes"
+                gpus = "run the job on a cluster with GPU nodes (--address)" if local else "add GPU nodes"
+                return f"{why}: {gpus}, or set resources.use_gpu: auto (it trains on CPUs where there is no GPU)"
+            return f"{why}: {more}"
     return None
 
 

@@ -299,7 +299,7 @@ class Coordinator:
         if rule["ep_size"] and workers % rule["ep_size"]:
             raise ValueError(f"cannot scale to {workers} workers: resources.ep_size={rule['ep_size']} must divide it")
         if workers > self.state.world_size and (
-            why := capacity_problem(workers, rule.get("per_worker", {}), fewer="scale to fewer")
+            why := capacity_problem(workers, rule.get("per_worker", {}), "scale to fewer", rule.get("local", False))
         ):
             raise ValueError(f"cannot scale to {workers} workers: {why}")
         if workers == self.state.world_size:

@@ -337,13 +337,14 @@ def _run(
     res = job.resources
     workers = (res.min_workers, res.max_workers) if isinstance(res.workers, WorkerRange) else res.workers
     per_worker = resources_per_worker(job)
-    if why := capacity_problem(res.min_workers, per_worker, fewer="lower resources.workers"):
+    local = address is None  # this machine's Ray: no node can be added to it
+    if why := capacity_problem(res.min_workers, per_worker, fewer="lower resources.workers", local=local):
         raise RunError(f"resources.workers: {why}")
     # Raw data on the run's first use: a log line about its preparation every 10 s.
     progress = at_most_every(10.0, lambda p: log.warning("data: preparing, %s", progress_line(p)))
     data_uri, description = run_dataset(job, run_name, on_progress=progress)
     log.warning("data: %s", redact(description))
-    scale_rule = {**scale_limits(job), "per_worker": per_worker}
+    scale_rule = {**scale_limits(job), "per_worker": per_worker, "local": local}
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
     # node that may be lost (it would survive that too, by restarting and re-seeding).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
