@@ -395,6 +395,32 @@ def mask(text: str, job: JobSpec) -> str:
     return redact(text)
 
 
+def local_relative(path: str | None) -> bool:
+    """A path on this machine that is not absolute: another process reads it against its own
+    working directory (Ray's workers and tasks: on a cluster, where `ray start` ran)."""
+    return bool(path) and "://" not in path and not Path(path).expanduser().is_absolute()
+
+
+def absolute_path(path: str) -> str:
+    """`path` anchored at this process's working directory (and `~` at this user's home), as the
+    user meant it; URIs unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def data_with_absolute_paths(data: DataConfig) -> DataConfig:
+    keep = {"source": "builtin", "tokenizer": "bytes"}  # names, not paths
+    return data.model_copy(update={k: absolute_path(v) for k, v in data if k in keep and v != keep[k]})
+
+
+def with_absolute_paths(job: JobSpec) -> JobSpec:
+    """The job with every local path absolute, before it reaches a Ray worker or task."""
+    model = job.model
+    if model.init_from:
+        model = model.model_copy(update={"init_from": absolute_path(model.init_from)})
+    checkpoint = job.checkpoint.model_copy(update={"storage": absolute_path(job.checkpoint.storage)})
+    return job.model_copy(update={"model": model, "data": data_with_absolute_paths(job.data), "checkpoint": checkpoint})
+
+
 def dump_job(job: JobSpec) -> str:
     """The resolved job as YAML, credentials masked: what may be printed or written anywhere."""
     return mask(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), job)

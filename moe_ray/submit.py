@@ -17,7 +17,7 @@ from pathlib import Path
 import moe_ray
 from moe_ray.runtime.cluster import enable_token_auth
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster
+from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster, local_relative
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_name_problem
 from moe_ray.storage.location import Location
@@ -74,9 +74,6 @@ def cluster_problems(job: JobSpec) -> list[str]:
     data not found), and each node would have its own."""
     fix = "give an s3:// URI, or an absolute path that every node of the cluster mounts"
     problems = []
-
-    def local_relative(value: str | None) -> bool:
-        return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
 
     for dotted, value, keep in (
         ("checkpoint.storage", job.checkpoint.storage, None),

@@ -67,6 +67,7 @@ def head():
             "--disable-usage-stats",
         ],
         env=env,
+        cwd=temp_dir,  # as on a cluster: Ray's workers start where `ray start` ran, not where a user types
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: what stop_head may kill, and nothing else
@@ -157,6 +158,43 @@ def test_run_address_sends_this_machines_token_and_names_a_refused_one(head, tmp
             f"--address {head.gcs}: the Ray cluster at .* uses token authentication and {says}", out.stderr
         ), out.stderr
         assert "Traceback" not in out.stderr and "0" * 32 not in out.stdout + out.stderr
+
+
+def test_prepare_and_run_on_a_cluster_read_relative_paths_where_they_were_typed(head, tmp_path):
+    """Ray's tasks and workers run in the folder where `ray start` ran: relative paths are made
+    absolute before they travel. Before, the user-data job said 'data.tokenizer ./tokenizer.json
+    is not a file', prepare wrote its shards into the head's folder, and a relative source was a
+    FileNotFoundError traceback."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = [f"w{i}" for i in range(40)]
+    docs = [" ".join(words[(d + i) % 40] for i in range(60)) for d in range(120)]
+    (tmp_path / "corpus.jsonl").write_text("".join(f'{{"text": "{d}"}}\n' for d in docs))
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "tok.json"))
+
+    def moe_ray(*args):
+        return subprocess.run(
+            [str(BIN / "moe-ray"), *args, "--address", head.gcs],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out = moe_ray("prepare", "corpus.jsonl", "prepared", "--tokenizer", "tok.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "prepared" / "manifest.json").is_file()
+
+    job = tiny_job("runs", name="rel", train__steps=2, train__batch_size=2, resources__workers=1)
+    spec = job.model_dump(mode="json") | {"tracking": {"enabled": False}}
+    spec["data"] |= {"source": "corpus.jsonl", "tokenizer": "./tok.json"}  # raw: prepared by the run
+    (tmp_path / "rel.yaml").write_text(yaml.safe_dump(spec))
+    out = moe_ray("run", "rel.yaml", "--run", "rel-1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "runs" / "rel-1" / "step-00000002").is_dir()
 
 
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):

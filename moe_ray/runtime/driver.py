@@ -26,7 +26,7 @@ from moe_ray.runtime.prepare import at_most_every, progress_line
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
-from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name, job_record
+from moe_ray.spec import JobSpec, WorkerRange, check_run_name, default_run_name, job_record, with_absolute_paths
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location, run_name_problem
 from moe_ray.storage.location import Location, make_writable_folder
@@ -190,6 +190,7 @@ def run_job(
     """Run a job to the end. `bias_mode="allreduce"` is a diagnostic (benchmarks only): workers
     compute the bias themselves instead of asking the coordinator."""
     start = time.time()
+    job = with_absolute_paths(job)  # as meant here: Ray's workers and tasks run in other directories
     prepare_storage(job)
     if job.model.init_from:  # a folder that does not fit is refused before anything starts
         log.warning("init_from: %s", check_init_from(job))

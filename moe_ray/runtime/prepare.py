@@ -22,7 +22,7 @@ import ray
 
 from moe_ray.data import BYTE_VOCAB, DataError, builtin_corpus, eos_id
 from moe_ray.hf.tokenizer import TOKENIZER  # the tokenizer's copy inside a dataset, as in an HF folder
-from moe_ray.spec import DataConfig
+from moe_ray.spec import DataConfig, absolute_path, data_with_absolute_paths
 from moe_ray.storage import s3
 from moe_ray.storage.location import Location
 from moe_ray.storage.token_shards import (
@@ -149,6 +149,8 @@ def prepare(
     manifest. Bad input raises DataError before or while reading, and leaves no dataset.
     `min_documents`: 2 for training (a train and a validation split); 1 where every token is
     scored (eval's --data), which puts a single document in the validation split."""
+    # As meant here: Ray's tasks run in another directory (on a cluster, where `ray start` ran).
+    cfg, out = data_with_absolute_paths(cfg), absolute_path(out)
     if cfg.source == "builtin":
         return _prepare_builtin(cfg, out, shard_tokens, clear_partial)
     check_source(cfg, vocab_limit)
