@@ -204,3 +204,34 @@ def test_an_all_dense_model_trains_and_checkpoints_on_two_workers(local_ray, sto
     assert not any(f.startswith("experts-") for f in files) and ckpt.DENSE in files
     loaded = load_model(result.checkpoint, torch.device("cpu"))
     assert loaded.step == 2 and not loaded.model.moe_layers()
+
+
+def _storage_check_case(rank, world, out, shared):
+    from moe_ray.runtime.worker import check_storage_shared
+    from moe_ray.storage.s3 import StorageError
+
+    # What each rank's node sees at the run folder's path: one folder, or a disk of its own.
+    folder = out / ("shared" if shared else f"node{rank}") / "run"
+    try:
+        check_storage_shared(folder, rank, ["10.0.0.1 (node a)", "10.0.0.2 (node b)"], wait_s=0.5)
+        (out / f"rank{rank}.txt").write_text("ok")
+    except StorageError as err:
+        (out / f"rank{rank}.txt").write_text(str(err))
+
+
+def test_local_storage_that_the_nodes_do_not_share_is_refused_by_every_rank(tmp_path):
+    """Ray Train's own check passes there (each node writes its marker and finds it), and each
+    node would keep its own part of every checkpoint."""
+    from gloo_cases import require, run_cases
+
+    run_cases([("shared", 2, _storage_check_case, (True,)), ("apart", 2, _storage_check_case, (False,))], tmp_path)
+    shared = require(tmp_path, "shared")
+    assert [(shared / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
+    assert list((shared / "shared" / "run").iterdir()) == []  # the probe is gone
+    apart = require(tmp_path, "apart")
+    for r in range(2):  # every rank stops, naming the storage path (the same on real nodes)
+        assert (apart / f"rank{r}.txt").read_text() == (
+            f"checkpoint.storage {apart / f'node{r}'} is not shared by the workers' nodes: on 10.0.0.2 (node b) "
+            "it is another folder than on 10.0.0.1 (node a) (rank 0's), so each node would keep its own part of "
+            "every checkpoint; give an s3:// URI, or a folder that every node mounts at the same path"
+        )

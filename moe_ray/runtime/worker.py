@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, ran
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
+from moe_ray.storage.s3 import StorageError
 from moe_ray.storage.token_shards import open_dataset
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
@@ -77,6 +79,34 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
     for info in reversed(list_checkpoints(run)):
         if latest is None or not latest.path.rstrip("/").endswith(info.name):
             yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
+
+
+def check_storage_shared(run_folder: Path, rank: int, nodes: list[str], wait_s: float = 5.0) -> None:
+    """A local `checkpoint.storage` must be one folder for every worker: each writes its own part
+    of every checkpoint there, and a node with a folder of its own would keep parts that no
+    restore finds (Ray Train's own check passes, each node checking a marker it wrote itself).
+    Rank 0 writes a file and every rank looks for it; `nodes` names each rank's node."""
+    if len(set(nodes)) < 2:
+        return  # one node: one disk
+    marker = None
+    if rank == 0:
+        run_folder.mkdir(parents=True, exist_ok=True)
+        marker = run_folder / f".moe-ray-shared-{uuid.uuid4().hex}"
+        marker.write_bytes(b"")
+    marker = run_folder / broadcast(marker.name if marker else None)  # sent once it is written
+    deadline = time.monotonic() + wait_s  # a shared filesystem may show a new file late
+    while not (seen := marker.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    everyone = all_gather(seen)
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = sorted({nodes[r] for r, ok in enumerate(everyone) if not ok})
+    if blind:
+        raise StorageError(
+            f"checkpoint.storage {run_folder.parent} is not shared by the workers' nodes: on {', '.join(blind)} "
+            f"it is another folder than on {nodes[0]} (rank 0's), so each node would keep its own part of "
+            "every checkpoint; give an s3:// URI, or a folder that every node mounts at the same path"
+        )
 
 
 def restore(ctx: WorkerContext, model, optimizer) -> int:
@@ -168,11 +198,15 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         tune_cpu_allocator()
         torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
+    nodes = all_gather((ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
+    node_ids = [node for node, _ in nodes]
+    run = run_location(job.checkpoint.storage, run_name)
+    if not run.is_s3:  # before the data, which a run on raw text keeps in the run's folder
+        check_storage_shared(run.local_path, rank, [f"{ip} (node {node[:8]})" for node, ip in nodes])
     data = open_dataset(config["data"])  # read by position: only this worker's windows
     coordinator = get_coordinator(run_name)
     records = CoordinatorRecords(coordinator)  # rank 0 sends its metrics and events through it
 
-    node_ids = all_gather(ray.get_runtime_context().get_node_id())
     pids = all_gather(os.getpid())
     placement, expected = plan_placement(job, world, rank, node_ids, coordinator)
     mesh = build_mesh(placement, device.type)
