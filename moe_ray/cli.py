@@ -119,7 +119,7 @@ def run(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2 if isinstance(err, LayoutError) else 1) from None
     reporter.close()
-    if result.train_loss is None:  # resumed at its last step: nothing to run
+    if result.train_loss is None:  # resumed at its last step: Ray Train had nothing to run
         console.print(
             f"run {result.run_name} had already trained all train.steps={job.train.steps} (checkpoint "
             f"{result.checkpoint}); to train on, raise train.steps (--set train.steps=N) and --resume again",

@@ -195,8 +195,6 @@ def run_job(
     if job.model.init_from:  # a folder that does not fit is refused before anything starts
         log.warning("init_from: %s", check_init_from(job))
     run_name = resolve_run_name(job, resume, run_name)
-    if resume and (finished := _already_finished(job, run_name, start)):
-        return finished  # no cluster, no worker group: there is no step left to train
     started = connect(address, job)
     marker = run_marker(run_name)
     try:
@@ -209,28 +207,6 @@ def run_job(
         marker.unlink(missing_ok=True)
         if started:
             ray.shutdown()
-
-
-def _already_finished(job: JobSpec, run_name: str, start: float) -> RunResult | None:
-    """The resumed run's newest checkpoint already holds all `train.steps`: a result with no
-    losses (nothing was trained), or None when steps are left."""
-    run = run_location(job.checkpoint.storage, run_name)
-    newest = next((c for c in reversed(list_checkpoints(run)) if c.complete), None)
-    if newest is None or newest.step < job.train.steps:
-        return None
-    return RunResult(
-        run_name=run_name,
-        run_location=str(run),
-        checkpoint=str(newest.location),
-        final_step=newest.step,
-        train_loss=None,
-        val_loss=None,
-        max_vio_global=None,
-        progress=Progress(run_name=run_name, total_steps=job.train.steps, started=start),
-        load_history=[],
-        bias_consistency={},
-        seconds=time.time() - start,
-    )
 
 
 @contextmanager
