@@ -287,7 +287,7 @@ def prepare(
     start = time.monotonic()
     with exit_on(DataError, StorageError, ClusterAddressError), follow_prepare() as on_progress:
         if address:
-            join(address, logging_level="ERROR", log_to_driver=False)
+            join(address, ship_code=True, logging_level="ERROR", log_to_driver=False)
         sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
         manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
     seconds = time.monotonic() - start

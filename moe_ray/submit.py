@@ -14,13 +14,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import moe_ray
 from moe_ray.runtime.cluster import enable_token_auth
 from moe_ray.secrets import redact
 from moe_ray.spec import JobSpec, check_run_name, default_run_name, dump_job_for_cluster, local_relative
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_name_problem
 from moe_ray.storage.location import Location
+from moe_ray.system import package_folder
 
 # Non-secret settings the cluster needs to reach S3-compatible storage and MLflow. Credentials
 # are NOT forwarded: the cluster's nodes must have their own (instance role, secret, env).
@@ -128,7 +128,7 @@ def submit(job: JobSpec, address: str, run_name: str | None = None, resume: bool
                 submission_id=submission_id,
                 runtime_env={
                     "working_dir": tmp,
-                    "py_modules": [str(Path(moe_ray.__file__).parent)],
+                    "py_modules": [package_folder()],
                     "env_vars": env,
                 },
                 metadata={
@@ -197,7 +197,7 @@ def control_submitted(address: str, submission_id: str, command: str, *args: str
         raise SubmitError(f"{submission_id} has ended ({info.status.value}); nothing to {command}")
     helper = jobs.submit_job(
         entrypoint=control_entrypoint(command, run_name, *args),
-        runtime_env={"py_modules": [str(Path(moe_ray.__file__).parent)]},
+        runtime_env={"py_modules": [package_folder()]},
         metadata={f"moe_ray.{command}_of": submission_id},
     )
     return helper

@@ -17,6 +17,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOE_RAY_CACHE") or Path.home() / ".cache" / "moe-ray")
 
 
+def package_folder() -> str:
+    """This moe-ray's source folder, for Ray's `py_modules`: a cluster runs the caller's code."""
+    return str(Path(__file__).parent)
+
+
 def tune_cpu_allocator() -> bool:
     """Keep freed large tensors in the heap instead of returning them to the OS.
 

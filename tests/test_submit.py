@@ -130,14 +130,18 @@ def test_run_address_sends_this_machines_token_and_names_a_refused_one(head, tmp
     """Ray sends the token to an explicit address only in token mode, which `run --address`
     turns on when a token exists; a refused token is named in seconds, not after 20 s of retries."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    # With this machine's moe-ray shipped (py_modules, as `submit` does): the cluster runs it.
     probe = (
-        "import sys, ray; from moe_ray.runtime.cluster import join; "
-        "join(sys.argv[1]); print(ray.cluster_resources()['CPU'])"
+        "import sys, ray; from moe_ray.runtime.cluster import join; join(sys.argv[1], ship_code=True); "
+        "where = ray.remote(lambda: __import__('moe_ray').__file__); "
+        "print(ray.cluster_resources()['CPU'], ray.get(where.remote()))"
     )
-    joined = subprocess.run(
-        [sys.executable, "-c", probe, head.gcs], env=env, capture_output=True, text=True, timeout=120
+    joined = subprocess.run(  # not in the checkout: Ray puts the driver's folder first on the workers' path
+        [sys.executable, "-c", probe, head.gcs], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
-    assert joined.returncode == 0 and joined.stdout.split()[-1] == "3.0", joined.stdout + joined.stderr
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    cpus, code = joined.stdout.split()[-2:]
+    assert cpus == "3.0" and "/runtime_resources/py_modules_files/" in code, joined.stdout
 
     job = tmp_path / "token.yaml"
     job.write_text(yaml.safe_dump(tiny_job(tmp_path / "runs", name="token").model_dump(mode="json")))

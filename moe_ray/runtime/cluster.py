@@ -18,6 +18,8 @@ from pathlib import Path
 
 import ray
 
+from moe_ray.system import package_folder
+
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -191,7 +193,13 @@ def capacity_problem(workers: int, per_worker: dict[str, float], fewer: str, loc
     return None
 
 
-def join(address: str, **init_kwargs) -> None:
-    """ray.init(address=...) once the address answers, with this machine's token if it wants one."""
+def join(address: str, ship_code: bool = False, env_vars: dict[str, str] | None = None, **init_kwargs) -> None:
+    """ray.init(address=...) once the address answers, with this machine's token if it wants one.
+    `ship_code`: the cluster's workers and tasks run this moe-ray (Ray's `py_modules`), not the
+    one its nodes have installed, as `moe-ray submit` does; `env_vars` are set in them. Neither
+    inside a Ray job (a submitted run): its runtime_env has both, and one given here would replace it."""
     check_cluster_address(address)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ and (ship_code or env_vars):
+        env = {"py_modules": [package_folder()]} if ship_code else {}
+        init_kwargs["runtime_env"] = env | ({"env_vars": env_vars} if env_vars else {})
     ray.init(address=address, **init_kwargs)

@@ -144,13 +144,9 @@ def connect(address: str | None, job: JobSpec) -> bool:
     """Join the cluster at `address`, or start an embedded local Ray. True if we started it."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": _QUIET_ENV}
     if address:
-        # Inside a Ray job (moe-ray submit) the job's runtime_env already has these variables,
-        # and one given here would replace it (its py_modules).
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         try:
-            join(address, logging_level=logging.WARNING, log_to_driver=True, **({} if in_job else {"runtime_env": env}))
+            join(address, ship_code=True, env_vars=_QUIET_ENV, logging_level=logging.WARNING, log_to_driver=True)
         except ClusterAddressError as err:
             raise RunError(str(err)) from None
         return False
@@ -160,7 +156,7 @@ def connect(address: str | None, job: JobSpec) -> bool:
         address="local",
         num_cpus=max(os.cpu_count() or 1, need),
         include_dashboard=False,
-        runtime_env=env,
+        runtime_env={"env_vars": _QUIET_ENV},
         logging_level=logging.WARNING,
         log_to_driver=_worker_logs(),
     )
