@@ -579,6 +579,9 @@ def list_jobs(address: AddressOpt = "http://127.0.0.1:8265") -> None:
 
     _jobs_client(address)
     rows = moe_jobs(address)
+    if not rows:
+        typer.echo(f"no moe-ray jobs at {address} (moe-ray submit JOB --address {address} starts one)")
+        return
     typer.echo(f"{'submission id':<52} {'status':<10} {'run':<40} mlflow run")
     for j in rows:
         meta = j.metadata or {}

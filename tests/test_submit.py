@@ -202,6 +202,8 @@ def test_prepare_and_run_on_a_cluster_read_relative_paths_where_they_were_typed(
 
 
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):
+    # Before this module's first submission: an empty list says so (it was a bare header).
+    assert cli("list", "--address", ray_head).stdout.startswith(f"no moe-ray jobs at {ray_head}")
     for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
         out = cli(*command, "no-such-job", "--address", ray_head, check=False, timeout=120)
         assert out.returncode == 1, out.stdout + out.stderr
