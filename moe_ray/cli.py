@@ -285,11 +285,15 @@ def prepare(
         max_bytes=max_bytes,
     )
     start = time.monotonic()
-    with exit_on(DataError, StorageError, ClusterAddressError), follow_prepare() as on_progress:
-        if address:
-            join(address, ship_code=True, logging_level="ERROR", log_to_driver=False)
-        sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
-        manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
+    try:
+        with exit_on(DataError, StorageError, ClusterAddressError), follow_prepare() as on_progress:
+            if address:
+                join(address, ship_code=True, logging_level="ERROR", log_to_driver=False)
+            sizes = {"shard_tokens": shard_tokens} if shard_tokens else {}
+            manifest = prepare_dataset(cfg, out, on_progress=on_progress, **sizes)
+    except KeyboardInterrupt:  # the preparing task was stopped, and removed what it had staged
+        typer.echo(f"interrupted: nothing was written to {out}", err=True)
+        raise typer.Exit(130) from None
     seconds = time.monotonic() - start
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     typer.echo(

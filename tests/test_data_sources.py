@@ -132,6 +132,16 @@ def test_bad_data_refused_with_a_clear_message_and_nothing_left(local_ray, corpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tokenizer.json"]  # no dataset, no staging
 
 
+def test_a_new_attempt_removes_what_killed_ones_staged(local_ray, corpus, tmp_path):
+    """A killed prepare (the process or its node gone) cannot clean up after itself: the next
+    attempt at the same place removes its hidden staging folder, and no one else's."""
+    for leftover in (".out.partial-killed", ".other.partial-x"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "train-00000.bin").write_bytes(b"\0" * 1000)
+    prepare(DataConfig(source=str(corpus / "docs.txt")), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-x", "out"]
+
+
 def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp_path, monkeypatch):
     """Raw text is prepared into the run's folder on first use and trains; a prepared dataset is
     read as is, once the job's tokenizer and vocabulary are checked against it. (Runs that read a

@@ -134,3 +134,57 @@ def test_ctrl_c_stops_the_run_marks_it_killed_and_says_how_to_continue(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow_runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [(r.info.run_name, r.info.status) for r in mlflow_runs] == [("stopped", "KILLED")]
+
+
+def interrupt_once(args, cwd, started, timeout=180) -> tuple[int, str]:
+    """Run `moe-ray ARGS`, send it SIGINT (Ctrl-C) as soon as `started()` holds, and return its
+    exit code and output."""
+    import time
+
+    log = cwd / "interrupted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moe-ray"), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the Ctrl-C test above
+        )
+        deadline = time.monotonic() + timeout
+        while not started() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"it ended before it was interrupted:\n{log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    return proc.returncode, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """100 MB of JSONL: several seconds of tokenising, to be interrupted in."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    line = '{"text": "def f(x):\\n    return x * 2  # ' + "abc " * 200 + '"}\n'
+    path.write_text(line * 120_000)
+    return path
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_preparing_stops_the_task_and_leaves_no_half_written_data(tmp_path, big_corpus):
+    """The task was left to die with Ray: it left a hidden half-written folder, and nothing was said."""
+    staged = lambda folder, name: list(folder.glob(f".{name}.partial-*"))  # noqa: E731
+
+    code, out = interrupt_once(["prepare", str(big_corpus), "out"], tmp_path, lambda: staged(tmp_path, "out"))
+    assert code == 130 and "interrupted: nothing was written to out" in out, out[-3000:]
+    assert not staged(tmp_path, "out") and not (tmp_path / "out").exists()
+
+    # A run preparing its raw text on first use: said, and the same clean-up.
+    data = tmp_path / "runs" / "early" / "data"
+    job = str(ROOT / "jobs" / "quickstart.yaml")
+    sets = ["--set", f"checkpoint.storage={tmp_path / 'runs'}", "--set", f"data.source={big_corpus}"]
+    code, out = interrupt_once(["run", job, *sets, "--run", "early"], tmp_path, lambda: staged(data, "*"))
+    assert code == 130, out[-3000:]
+    assert (
+        f"interrupted: run early stopped while preparing its data; it has no checkpoint yet: start it again "
+        f"with moe-ray run {job} {' '.join(sets)}" in out
+    ), out[-3000:]
+    assert "Traceback" not in out and list(data.iterdir()) == []

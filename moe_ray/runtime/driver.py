@@ -51,10 +51,16 @@ class RunInterrupted(RunError):
     """Ctrl-C (or `moe-ray stop`, which interrupts a job's driver): the workers are stopped, the
     MLflow run is marked KILLED, and the run continues from its newest complete checkpoint."""
 
-    def __init__(self, run_name: str, steps_done: int, checkpoint_step: int | None):
+    def __init__(self, run_name: str, steps_done: int | None, checkpoint_step: int | None):
         self.run_name, self.steps_done, self.checkpoint_step = run_name, steps_done, checkpoint_step
         held = f"its newest checkpoint is of step {checkpoint_step}" if checkpoint_step else "it has no checkpoint yet"
-        super().__init__(f"interrupted: run {run_name} stopped after {steps_done} steps; {held}")
+        when = "while preparing its data" if steps_done is None else f"after {steps_done} steps"
+        super().__init__(f"interrupted: run {run_name} stopped {when}; {held}")
+
+    @classmethod
+    def of(cls, job: JobSpec, run_name: str, steps_done: int | None) -> RunInterrupted:
+        complete = [c for c in list_checkpoints(run_location(job.checkpoint.storage, run_name)) if c.complete]
+        return cls(run_name, steps_done, complete[-1].step if complete else None)
 
 
 @dataclass
@@ -339,7 +345,10 @@ def _run(
         raise RunError(f"resources.workers: {why}")
     # Raw data on the run's first use: a log line about its preparation every 10 s.
     progress = at_most_every(10.0, lambda p: log.warning("data: preparing, %s", progress_line(p)))
-    data_uri, description = run_dataset(job, run_name, on_progress=progress)
+    try:
+        data_uri, description = run_dataset(job, run_name, on_progress=progress)
+    except KeyboardInterrupt:  # the preparing task was stopped, and removed what it had staged
+        raise RunInterrupted.of(job, run_name, None) from None
     log.warning("data: %s", redact(description))
     scale_rule = {**scale_limits(job), "per_worker": per_worker, "local": local}
     # On the driver's node (soft): the node that must live for the run anyway, not a worker
@@ -380,9 +389,7 @@ def _run(
             ray.get(coordinator.scale_done.remote())
     except KeyboardInterrupt:  # the workers stop with this process's Ray; the run continues by --resume
         tracking.finish(None, coordinator, status="KILLED")
-        done = progress.last["step"] + 1 if progress.last else 0
-        complete = [c for c in list_checkpoints(run_location(job.checkpoint.storage, run_name)) if c.complete]
-        raise RunInterrupted(run_name, done, complete[-1].step if complete else None) from None
+        raise RunInterrupted.of(job, run_name, progress.last["step"] + 1 if progress.last else 0) from None
     result = outcome["result"]
     history = ray.get(coordinator.load_history.remote())
     consistency = ray.get(coordinator.bias_consistency.remote())

@@ -162,16 +162,28 @@ def prepare(
         stream = _prepare_task.options(num_returns="streaming").remote(
             cfg.model_dump(), out, shard_tokens, min_documents
         )
-        for ref in stream:
-            item = ray.get(ref)
-            if "manifest" in item:
-                return item["manifest"]
-            if on_progress:
-                on_progress(item)
+        try:
+            for ref in stream:
+                item = ray.get(ref)
+                if "manifest" in item:
+                    return item["manifest"]
+                if on_progress:
+                    on_progress(item)
+        except KeyboardInterrupt:
+            _cancel(stream)
+            raise
     except (DatasetError, ray.exceptions.RayTaskError) as err:
         _raise_data_error(err)
         raise
     raise RuntimeError("the prepare task ended without a manifest")
+
+
+def _cancel(stream, wait_s: float = 30.0) -> None:
+    """Ctrl-C: stop the task as Ray stops a task on Ctrl-C (a KeyboardInterrupt inside it), so its
+    writer removes what it staged; a killed task would leave a hidden half-written folder."""
+    ray.cancel(stream)
+    with contextlib.suppress(Exception):
+        ray.get(stream.completed(), timeout=wait_s)
 
 
 def _raise_data_error(err: BaseException) -> None:

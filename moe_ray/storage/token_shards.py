@@ -135,6 +135,9 @@ class DatasetWriter:
             path = self.loc.local_path
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if clear_partial:  # and the staging folders of attempts that were killed
+                for left in path.parent.glob(f".{path.name}.partial-*"):
+                    shutil.rmtree(left, ignore_errors=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.staging = staging_sibling(path)
         self.splits = {s: SplitWriter(self.staging, s, dtype, shard_tokens, self._publish) for s in SPLITS}
