@@ -417,3 +417,33 @@ def test_export_to_s3_uploads_the_local_files_config_last_and_a_failed_upload_le
     finally:
         s3_proxy.fail("", 0)
     assert s3_proxy.failed and s3.list_objects(broken) == []
+
+
+def _s3_check_case(rank, world, out, uri):
+    from moe_ray.runtime.worker import check_storage
+    from moe_ray.storage.s3 import StorageError
+
+    if rank == 1:  # a node without credentials of its own (the driver's are never sent)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.pop(name, None)
+        os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    try:
+        check_storage(Location(uri), rank, ["10.0.0.1 (node a)", "10.0.0.2 (node b)"])
+        (out / f"rank{rank}.txt").write_text("ok")
+    except StorageError as err:
+        (out / f"rank{rank}.txt").write_text(str(err))
+
+
+def test_workers_without_s3_access_stop_before_the_first_step_naming_their_node(s3_stack, tmp_path):
+    """It showed first at the first checkpoint, hours in, or as a missing dataset."""
+    from gloo_cases import require, run_cases
+
+    uri = f"s3://{BUCKET}/runs/no-access"
+    folder = require(run_cases([("s3", 2, _s3_check_case, (uri,))], tmp_path), "s3")
+    for r in range(2):  # every rank stops, with the same words
+        said = (folder / f"rank{r}.txt").read_text()
+        assert said.startswith(
+            f"the workers on 10.0.0.2 (node b) cannot use checkpoint.storage: no AWS credentials for {uri}"
+        ), said
+        assert "moe-ray does not send this machine's credentials" in said
+    assert s3.list_objects(Location(uri)) == []  # rank 0's probe is gone

@@ -201,6 +201,39 @@ def test_prepare_and_run_on_a_cluster_read_relative_paths_where_they_were_typed(
     assert (tmp_path / "runs" / "rel-1" / "step-00000002").is_dir()
 
 
+def test_a_cluster_without_s3_access_is_named_not_just_pyarrows_access_denied(head, tmp_path):
+    """The driver reaches S3 with this machine's credentials; the cluster (here: a head started
+    without them) does not get them. The run failed with a bare OSError from Ray Train's
+    controller, or at its first checkpoint, or as a missing dataset."""
+    from conftest import LocalStack
+
+    stack = LocalStack(tmp_path / "s3", bucket="runs", mlflow=False).start()
+    try:
+        job = tiny_job("s3://runs/r", name="s3", train__steps=2, resources__workers=1, resources__max_failures=0)
+        spec = job.model_dump(mode="json") | {"tracking": {"enabled": False}}
+        (tmp_path / "s3.yaml").write_text(yaml.safe_dump(spec))
+        out = subprocess.run(
+            [str(BIN / "moe-ray"), "run", str(tmp_path / "s3.yaml"), "--address", head.gcs],
+            env={**os.environ, **stack.env()},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        stack.stop()
+    assert out.returncode == 1, out.stdout + out.stderr
+    # Named by the workers' check before their first step (or, where Ray Train's controller fails
+    # first, after pyarrow's "AWS Error ACCESS_DENIED"), with the fix.
+    said = " ".join(out.stderr.split())
+    assert re.search(
+        r"error: run s3-\S+ failed: .*(the workers on \S+ \(node \w+\) cannot use checkpoint\.storage: no AWS "
+        r"credentials for s3://runs/r/|AWS Error ACCESS_DENIED).*nodes need S3 access of their own.*moe-ray does "
+        r"not send this machine's credentials",
+        said,
+    ), out.stderr[-3000:]
+    assert "testing" not in out.stdout + out.stderr  # the test credentials, never printed
+
+
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):
     # Before this module's first submission: an empty list says so (it was a bare header).
     assert cli("list", "--address", ray_head).stdout.startswith(f"no moe-ray jobs at {ray_head}")

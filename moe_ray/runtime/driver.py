@@ -378,7 +378,14 @@ def _run(
                 )
             if "error" in outcome:
                 tracking.finish(None, coordinator, status="FAILED")
-                raise RunError(f"run {run_name} failed: {_root_cause(outcome['error'])}") from outcome["error"]
+                cause = _root_cause(outcome["error"])
+                if address and "AWS Error ACCESS_DENIED" in cause:  # pyarrow's S3, in Ray Train on the cluster
+                    cause += (
+                        f" (Ray Train, on the cluster, writing checkpoint.storage {job.checkpoint.storage}: the "
+                        "cluster's nodes need S3 access of their own, an instance role or AWS_* variables in their "
+                        "environment (exported before `ray start`); moe-ray does not send this machine's credentials)"
+                    )
+                raise RunError(f"run {run_name} failed: {cause}") from outcome["error"]
             done = progress.last["step"] + 1 if progress.last else 0
             desired = ray.get(coordinator.desired_workers.remote())
             if desired is None or done >= job.train.steps:

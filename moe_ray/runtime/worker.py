@@ -31,7 +31,9 @@ from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, Coordina
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
+from moe_ray.storage import s3
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
+from moe_ray.storage.location import Location
 from moe_ray.storage.s3 import StorageError
 from moe_ray.storage.token_shards import open_dataset
 from moe_ray.system import tune_cpu_allocator
@@ -79,6 +81,29 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
     for info in reversed(list_checkpoints(run)):
         if latest is None or not latest.path.rstrip("/").endswith(info.name):
             yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
+
+
+def check_storage(run: Location, rank: int, nodes: list[str]) -> None:
+    """Every worker can write the run's storage: a local folder is the same for all of them, and
+    S3 takes their writes. The driver checked it with its own environment; a cluster's nodes
+    have theirs (credentials, endpoint), which moe-ray never fills from the driver's."""
+    if not run.is_s3:
+        check_storage_shared(run.local_path, rank, nodes)
+        return
+    try:
+        s3.check_writable(run)
+        problem = None
+    except StorageError as err:
+        problem = str(err)
+    problems = all_gather(problem)
+    failed = sorted({nodes[r] for r, p in enumerate(problems) if p})
+    if failed:
+        raise StorageError(
+            f"the workers on {', '.join(failed)} cannot use checkpoint.storage: "
+            f"{next(p for p in problems if p)}. The nodes need S3 access of their own (an instance role, "
+            "or AWS_* variables in their environment, exported before `ray start`): moe-ray does not send this "
+            "machine's credentials"
+        )
 
 
 def check_storage_shared(run_folder: Path, rank: int, nodes: list[str], wait_s: float = 5.0) -> None:
@@ -200,9 +225,9 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     nodes = all_gather((ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
     node_ids = [node for node, _ in nodes]
-    run = run_location(job.checkpoint.storage, run_name)
-    if not run.is_s3:  # before the data, which a run on raw text keeps in the run's folder
-        check_storage_shared(run.local_path, rank, [f"{ip} (node {node[:8]})" for node, ip in nodes])
+    # Before the data, which a run on raw text keeps in the run's folder, and long before the
+    # first checkpoint, where a storage problem used to show first.
+    check_storage(run_location(job.checkpoint.storage, run_name), rank, [f"{ip} (node {n[:8]})" for n, ip in nodes])
     data = open_dataset(config["data"])  # read by position: only this worker's windows
     coordinator = get_coordinator(run_name)
     records = CoordinatorRecords(coordinator)  # rank 0 sends its metrics and events through it
