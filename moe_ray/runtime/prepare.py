@@ -180,8 +180,11 @@ def prepare(
 
 def _cancel(stream, wait_s: float = 30.0) -> None:
     """Ctrl-C: stop the task as Ray stops a task on Ctrl-C (a KeyboardInterrupt inside it), so its
-    writer removes what it staged; a killed task would leave a hidden half-written folder."""
-    ray.cancel(stream)
+    writer removes what it staged; a killed task would leave a hidden half-written folder.
+    Not recursive: cancelling the task's children as well crashed its worker (a Ray 2.60 check
+    fails when the cancel meets Ray Data's stats actor being created) half the time, before the
+    writer could clean up; the KeyboardInterrupt stops Ray Data's pipeline itself."""
+    ray.cancel(stream, recursive=False)
     with contextlib.suppress(Exception):
         ray.get(stream.completed(), timeout=wait_s)
 
