@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import ray
@@ -133,6 +134,7 @@ def check_token_accepted(address: str, host_port: str) -> None:
                 return False
         return True
 
+    asked = time.monotonic()
     try:
         if accepted(muted=token_available()):
             return
@@ -144,9 +146,9 @@ def check_token_accepted(address: str, host_port: str) -> None:
         if "Timed out" not in str(err):
             return  # not an answer about the address or the token: ray.init reports it
         raise ClusterAddressError(
-            f"--address {address}: something listens at {host_port}, but no Ray cluster answered there "
-            "within Ray's 40 s: give the head's GCS port (6379 by default; 8265 is its dashboard, which "
-            "`moe-ray submit --address http://HEAD:8265` takes)"
+            f"--address {address}: something listens at {host_port}, but no Ray cluster answered there in "
+            f"{time.monotonic() - asked:.0f} s: give the head's GCS port (6379 by default; 8265 is its dashboard, "
+            "which `moe-ray submit --address http://HEAD:8265` takes)"
         ) from None
     except Exception:  # not an answer about the token: ray.init reports it
         return
