@@ -181,7 +181,10 @@ def tiling_windows(tokens: np.ndarray, seq_len: int, extra: int, batch_size: int
     window is left out."""
     window = seq_len + extra
     if len(tokens) < window:
-        raise ValueError(f"the text ({len(tokens)} tokens) is shorter than one window ({window})")
+        raise ValueError(
+            f"the text ({len(tokens)} tokens) is shorter than one window of the model ({window} tokens: its "
+            f"sequence length and its prediction targets): give at least {window} tokens of text"
+        )
     starts = np.arange(0, len(tokens) - window + 1, seq_len)
     return list(read_windows(tokens, starts, window).split(batch_size))
 

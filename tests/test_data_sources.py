@@ -163,6 +163,20 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
         assert m["batch_digest"] == batch_digest(sample_windows(train, window, job.train.seed, m["step"], 0, 8))
     assert np.array_equal(data.train[:], train)
     assert run_dataset(job, "user-data")[0] == str(cache)  # a resume finds it
+    # Data shorter than a window is named before any worker starts (each worker failed, the
+    # group restarted twice, and the run ended on a bare ValueError).
+    longer = lambda seq_len: job.model_copy(  # noqa: E731
+        update={"train": job.train.model_copy(update={"seq_len": seq_len})}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"its validation split holds 623 tokens, fewer than one training window of "
+        r"1,002 tokens \(train.seq_len 1000 \+ 1 \+ model.mtp.depth 1\): give more text, lower "
+        r"data.val_every_nth_doc \(10: .*\), or lower train.seq_len",
+    ):
+        run_dataset(longer(1000), "user-data")
+    with pytest.raises(DataError, match=r"its train split holds 3,447 tokens, .*: give more text, or lower train"):
+        run_dataset(longer(5000), "user-data")
 
     tok, path = word_tokenizer
     prepared = tmp_path / "prepared"
@@ -172,6 +186,12 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
     (tmp_path / "job.yaml").write_text(dump_job(tiny_job(tmp_path / "runs", data={"source": str(prepared)})))
     checked = subprocess.run([str(CLI), "validate", str(tmp_path / "job.yaml")], capture_output=True, text=True)
     assert checked.returncode == 2 and "set data.tokenizer to" in checked.stderr
+    fits = {"source": str(prepared), "tokenizer": str(path)}
+    (tmp_path / "job.yaml").write_text(
+        dump_job(tiny_job(tmp_path / "runs", data=fits, train__seq_len=2000, model__max_seq_len=2048))
+    )
+    checked = subprocess.run([str(CLI), "validate", str(tmp_path / "job.yaml")], capture_output=True, text=True)
+    assert checked.returncode == 2 and "fewer than one training window" in checked.stderr, checked.stderr
     small = tiny_job(tmp_path / "runs", data={"source": str(prepared), "tokenizer": str(prepared / "tokenizer.json")})
     with pytest.raises(DataError, match="raise model.vocab_size"):
         run_dataset(small.model_copy(update={"model": small.model.model_copy(update={"vocab_size": 8})}), "x")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_ray.data import DataError
+from moe_ray.data import DataError, window_length
 from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format, tokenizer_bytes
 from moe_ray.spec import DataConfig, JobSpec
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_location
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest
 
-__all__ = ["DataError", "check_data", "check_prepared", "eval_tokens", "quiet_ray_data", "run_dataset"]
+__all__ = ["DataError", "check_data", "check_prepared", "check_windows", "eval_tokens", "quiet_ray_data", "run_dataset"]
 
 
 def check_prepared(manifest: dict, cfg: DataConfig, vocab_size: int) -> None:
@@ -42,6 +42,25 @@ def check_prepared(manifest: dict, cfg: DataConfig, vocab_size: int) -> None:
             f"the dataset {uri} was tokenised with {theirs['spec']!r}, not with data.tokenizer "
             f"{cfg.tokenizer!r}: set data.tokenizer to {fix}"
         )
+
+
+def check_windows(manifest: dict, job: JobSpec) -> None:
+    """Each split holds one training window at least; found here, before any worker starts
+    (in the workers it failed every restart of the group, then the run, as a bare ValueError)."""
+    window = window_length(job.train.seq_len, job.model.mtp.depth)
+    sizes = f"{window:,} tokens (train.seq_len {job.train.seq_len} + 1 + model.mtp.depth {job.model.mtp.depth})"
+    fixes = {
+        "train": "give more text, or lower train.seq_len",
+        "val": f"give more text, lower data.val_every_nth_doc ({job.data.val_every_nth_doc}: every "
+        "n-th document is validation text), or lower train.seq_len",
+    }
+    for split, name in (("train", "train"), ("val", "validation")):
+        tokens = manifest["splits"][split]["tokens"]
+        if tokens < window:
+            raise DataError(
+                f"data.source {job.data.source}: its {name} split holds {tokens:,} tokens, fewer than one "
+                f"training window of {sizes}: {fixes[split]}"
+            )
 
 
 def _cache_key(cfg: DataConfig) -> str:
@@ -75,6 +94,7 @@ def check_data(job: JobSpec) -> str:
         return f"{cfg.source} is not on this machine: checked when the run starts"
     manifest = _prepared_source(cfg, job.model.vocab_size)
     if manifest is not None:
+        check_windows(manifest, job)
         split = manifest["splits"]
         return f"prepared dataset, {split['train']['tokens']:,} train / {split['val']['tokens']:,} val tokens"
     check_source(cfg, job.model.vocab_size)
@@ -93,7 +113,9 @@ def run_dataset(job: JobSpec, run_name: str, on_progress=None) -> tuple[str, str
         uri = str(run_location(job.checkpoint.storage, run_name).child("data", _cache_key(cfg)))
         if read_manifest(uri) is None:  # first use (a resume finds it)
             prepare(cfg, uri, vocab_limit=job.model.vocab_size, on_progress=on_progress, clear_partial=True)
-    return uri, open_dataset(uri).description
+    data = open_dataset(uri)
+    check_windows(data.manifest, job)
+    return uri, data.description
 
 
 def eval_tokens(cfg: DataConfig, vocab_size: int, whole: bool) -> tuple[np.ndarray, str]:
