@@ -205,16 +205,74 @@ def test_an_all_dense_model_trains_and_checkpoints_on_two_workers(local_ray, sto
 
 
 def _storage_check_case(rank, world, out, shared):
+    from moe_ray.runtime.failures import SetupError
     from moe_ray.runtime.worker import check_storage_shared
-    from moe_ray.storage.s3 import StorageError
 
     # What each rank's node sees at the run folder's path: one folder, or a disk of its own.
     folder = out / ("shared" if shared else f"node{rank}") / "run"
     try:
         check_storage_shared(folder, rank, ["10.0.0.1 (node a)", "10.0.0.2 (node b)"], wait_s=0.5)
         (out / f"rank{rank}.txt").write_text("ok")
-    except StorageError as err:
+    except SetupError as err:
         (out / f"rank{rank}.txt").write_text(str(err))
+
+
+def _data_check_case(rank, world, out, dataset, missing_on_rank_1):
+    from moe_ray.runtime.failures import SetupError
+    from moe_ray.runtime.worker import open_run_data
+
+    # What each rank's node has at the path: the dataset, or (rank 1) no such folder.
+    uri = str(out / "not-here" if missing_on_rank_1 and rank == 1 else dataset)
+    try:
+        data = open_run_data(uri, rank, ["10.0.0.1 (node a)", "10.0.0.2 (node b)"])
+        (out / f"rank{rank}.txt").write_text(f"ok {len(data.train)}")
+    except SetupError as err:
+        (out / f"rank{rank}.txt").write_text(str(err))
+
+
+def test_data_that_a_node_cannot_read_stops_every_rank_naming_the_node(tmp_path):
+    """It was a DatasetError on one rank ("not a prepared dataset: run moe-ray prepare first", of
+    data the driver had just found), and the group restarted max_failures times (for ever with
+    -1); a SetupError stops the run at once (test_failure_policy_stops_on_a_setup_error)."""
+    import numpy as np
+    from gloo_cases import require, run_cases
+
+    from moe_ray.storage.token_shards import DatasetWriter
+
+    dataset = tmp_path / "dataset"
+    with DatasetWriter(str(dataset), np.dtype(np.uint8)) as writer:
+        writer.splits["train"].add(np.arange(100, dtype=np.uint8))
+        writer.splits["val"].add(np.arange(50, dtype=np.uint8))
+        writer.finish({"source": "test"})
+    run_cases(
+        [("both", 2, _data_check_case, (dataset, False)), ("one", 2, _data_check_case, (dataset, True))], tmp_path
+    )
+    both = require(tmp_path, "both")
+    assert [(both / f"rank{r}.txt").read_text() for r in range(2)] == ["ok 100", "ok 100"]
+    one = require(tmp_path, "one")
+    for r in range(2):  # every rank stops, with the same words
+        assert (one / f"rank{r}.txt").read_text() == (
+            f"the workers on 10.0.0.2 (node b) cannot read the run's data: there is no folder {one / 'not-here'}. "
+            "Each node reads it itself: give a folder that every node mounts at the same path, or an s3:// URI "
+            "that the nodes can read"
+        )
+
+
+def test_failure_policy_stops_on_a_setup_error():
+    """Ray Train's own policy decides, except that a worker's SetupError raises at once."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from moe_ray.runtime.failures import SetupError, SetupErrorsStop, setup_error
+
+    policy = SetupErrorsStop(DefaultFailurePolicy(FailureConfig(max_failures=-1)))
+    crashed = WorkerGroupError("rank 1 died", {1: RuntimeError("connection reset")})
+    assert [policy.make_decision(crashed) for _ in range(3)] == [FailureDecision.RETRY] * 3
+    found = SetupError("storage the nodes cannot use")
+    setup = WorkerGroupError("both", {1: found, 0: SetupError("the same, rank 0"), 2: RuntimeError("collateral")})
+    assert policy.make_decision(setup) == FailureDecision.RAISE
+    assert str(setup_error(setup)) == "the same, rank 0" and setup_error(crashed) is None
 
 
 def test_local_storage_that_the_nodes_do_not_share_is_refused_by_every_rank(tmp_path):

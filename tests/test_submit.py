@@ -209,7 +209,8 @@ def test_a_cluster_without_s3_access_is_named_not_just_pyarrows_access_denied(he
 
     stack = LocalStack(tmp_path / "s3", bucket="runs", mlflow=False).start()
     try:
-        job = tiny_job("s3://runs/r", name="s3", train__steps=2, resources__workers=1, resources__max_failures=0)
+        # max_failures -1 (restart for ever): the workers' finding stops the run at once.
+        job = tiny_job("s3://runs/r", name="s3", train__steps=2, resources__workers=1, resources__max_failures=-1)
         spec = job.model_dump(mode="json") | {"tracking": {"enabled": False}}
         (tmp_path / "s3.yaml").write_text(yaml.safe_dump(spec))
         out = subprocess.run(
@@ -232,6 +233,7 @@ def test_a_cluster_without_s3_access_is_named_not_just_pyarrows_access_denied(he
         said,
     ), out.stderr[-3000:]
     assert "testing" not in out.stdout + out.stderr  # the test credentials, never printed
+    assert "restarted" not in out.stderr, out.stderr[-3000:]
 
 
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):

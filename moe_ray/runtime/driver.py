@@ -22,6 +22,7 @@ from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
+from moe_ray.runtime.failures import setup_error, with_setup_errors_final
 from moe_ray.runtime.prepare import at_most_every, progress_line
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
@@ -244,7 +245,7 @@ def _trainer(
     res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
     elastic = isinstance(workers, tuple)
-    return TorchTrainer(
+    return with_setup_errors_final(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
@@ -534,5 +535,7 @@ def _root_cause(err: BaseException) -> str:
         if nxt is None or nxt is seen:
             break
         seen = nxt
+    if (ours := setup_error(seen)) is not None:  # its words alone, without Ray's traceback
+        return str(ours)
     text = str(seen).strip().splitlines()
     return text[-1] if text else type(seen).__name__

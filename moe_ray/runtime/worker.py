@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,14 @@ from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
+from moe_ray.runtime.failures import SetupError
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
 from moe_ray.storage.location import Location
 from moe_ray.storage.s3 import StorageError
-from moe_ray.storage.token_shards import open_dataset
+from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
 from moe_ray.train.optim import build_optimizer
@@ -83,6 +85,15 @@ def _candidate_checkpoints(job: JobSpec, run_name: str):
             yield ray.train.Checkpoint(path=f"{path}/{info.name}", filesystem=fs)
 
 
+def stop_unless_every_rank_can(problem: str | None, nodes: list[str], say: Callable[[str, str], str]) -> None:
+    """Every rank raises SetupError if any found a problem: `say(the failed ranks' nodes, the
+    first problem)`. `nodes` names each rank's node."""
+    problems = all_gather(problem)
+    failed = sorted({nodes[r] for r, p in enumerate(problems) if p})
+    if failed:
+        raise SetupError(say(", ".join(failed), next(p for p in problems if p)))
+
+
 def check_storage(run: Location, rank: int, nodes: list[str]) -> None:
     """Every worker can write the run's storage: a local folder is the same for all of them, and
     S3 takes their writes. The driver checked it with its own environment; a cluster's nodes
@@ -95,22 +106,22 @@ def check_storage(run: Location, rank: int, nodes: list[str]) -> None:
         problem = None
     except StorageError as err:
         problem = str(err)
-    problems = all_gather(problem)
-    failed = sorted({nodes[r] for r, p in enumerate(problems) if p})
-    if failed:
-        raise StorageError(
-            f"the workers on {', '.join(failed)} cannot use checkpoint.storage: "
-            f"{next(p for p in problems if p)}. The nodes need S3 access of their own (an instance role, "
-            "or AWS_* variables in their environment, exported before `ray start`): moe-ray does not send this "
-            "machine's credentials"
-        )
+    stop_unless_every_rank_can(
+        problem,
+        nodes,
+        lambda failed, why: (
+            f"the workers on {failed} cannot use checkpoint.storage: {why}. The nodes need S3 access of their own "
+            "(an instance role, or AWS_* variables in their environment, exported before `ray start`): moe-ray "
+            "does not send this machine's credentials"
+        ),
+    )
 
 
 def check_storage_shared(run_folder: Path, rank: int, nodes: list[str], wait_s: float = 5.0) -> None:
     """A local `checkpoint.storage` must be one folder for every worker: each writes its own part
     of every checkpoint there, and a node with a folder of its own would keep parts that no
     restore finds (Ray Train's own check passes, each node checking a marker it wrote itself).
-    Rank 0 writes a file and every rank looks for it; `nodes` names each rank's node."""
+    Rank 0 writes a file and every rank looks for it."""
     if len(set(nodes)) < 2:
         return  # one node: one disk
     marker = None
@@ -122,16 +133,40 @@ def check_storage_shared(run_folder: Path, rank: int, nodes: list[str], wait_s: 
     deadline = time.monotonic() + wait_s  # a shared filesystem may show a new file late
     while not (seen := marker.exists()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    everyone = all_gather(seen)
-    if rank == 0:
-        marker.unlink(missing_ok=True)
-    blind = sorted({nodes[r] for r, ok in enumerate(everyone) if not ok})
-    if blind:
-        raise StorageError(
-            f"checkpoint.storage {run_folder.parent} is not shared by the workers' nodes: on {', '.join(blind)} "
-            f"it is another folder than on {nodes[0]} (rank 0's), so each node would keep its own part of "
-            "every checkpoint; give an s3:// URI, or a folder that every node mounts at the same path"
+    try:  # it gathers what every rank saw: once it returns or raises, all have looked
+        stop_unless_every_rank_can(
+            None if seen else "another folder",
+            nodes,
+            lambda failed, _: (
+                f"checkpoint.storage {run_folder.parent} is not shared by the workers' nodes: on {failed} it is "
+                f"another folder than on {nodes[0]} (rank 0's), so each node would keep its own part of every "
+                "checkpoint; give an s3:// URI, or a folder that every node mounts at the same path"
+            ),
         )
+    finally:
+        if rank == 0:
+            marker.unlink(missing_ok=True)
+
+
+def open_run_data(uri: str, rank: int, nodes: list[str]) -> PreparedDataset:
+    """The run's dataset, which each worker opens itself: the driver found it with its own files
+    and credentials, which a cluster's nodes do not share."""
+    data, problem = None, None
+    try:
+        if not Location(uri).is_s3 and not Path(uri).is_dir():
+            raise DatasetError(f"there is no folder {uri}")
+        data = open_dataset(uri)
+    except (DatasetError, StorageError, OSError) as err:
+        problem = str(err)
+    stop_unless_every_rank_can(
+        problem,
+        nodes,
+        lambda failed, why: (
+            f"the workers on {failed} cannot read the run's data: {why}. Each node reads it itself: give a "
+            "folder that every node mounts at the same path, or an s3:// URI that the nodes can read"
+        ),
+    )
+    return data
 
 
 def restore(ctx: WorkerContext, model, optimizer) -> int:
@@ -227,8 +262,9 @@ def train_loop_per_worker(config: dict) -> None:
     node_ids = [node for node, _ in nodes]
     # Before the data, which a run on raw text keeps in the run's folder, and long before the
     # first checkpoint, where a storage problem used to show first.
-    check_storage(run_location(job.checkpoint.storage, run_name), rank, [f"{ip} (node {n[:8]})" for n, ip in nodes])
-    data = open_dataset(config["data"])  # read by position: only this worker's windows
+    names = [f"{ip} (node {n[:8]})" for n, ip in nodes]
+    check_storage(run_location(job.checkpoint.storage, run_name), rank, names)
+    data = open_run_data(config["data"], rank, names)  # read by position: only this worker's windows
     coordinator = get_coordinator(run_name)
     records = CoordinatorRecords(coordinator)  # rank 0 sends its metrics and events through it
 
