@@ -218,16 +218,25 @@ def _storage_check_case(rank, world, out, shared):
 
 
 def _data_check_case(rank, world, out, dataset, missing_on_rank_1):
+    from moe_ray.hf.init_from import load_init_from
+    from moe_ray.model.transformer import MoETransformer
     from moe_ray.runtime.failures import SetupError
-    from moe_ray.runtime.worker import open_run_data
+    from moe_ray.runtime.worker import open_run_data, read_on_every_rank
 
+    nodes = ["10.0.0.1 (node a)", "10.0.0.2 (node b)"]
     # What each rank's node has at the path: the dataset, or (rank 1) no such folder.
     uri = str(out / "not-here" if missing_on_rank_1 and rank == 1 else dataset)
     try:
-        data = open_run_data(uri, rank, ["10.0.0.1 (node a)", "10.0.0.2 (node b)"])
+        data = read_on_every_rank("the run's data", lambda: open_run_data(uri), nodes)
         (out / f"rank{rank}.txt").write_text(f"ok {len(data.train)}")
     except SetupError as err:
         (out / f"rank{rank}.txt").write_text(str(err))
+    if missing_on_rank_1:  # model.init_from, on no node
+        try:
+            model = MoETransformer(tiny_job(out).model)
+            read_on_every_rank("model.init_from", lambda: load_init_from(model, str(out / "hf")), nodes)
+        except SetupError as err:
+            (out / f"init_from{rank}.txt").write_text(str(err))
 
 
 def test_data_that_a_node_cannot_read_stops_every_rank_naming_the_node(tmp_path):
@@ -255,6 +264,14 @@ def test_data_that_a_node_cannot_read_stops_every_rank_naming_the_node(tmp_path)
             f"the workers on 10.0.0.2 (node b) cannot read the run's data: there is no folder {one / 'not-here'}. "
             "Each node reads it itself: give a folder that every node mounts at the same path, or an s3:// URI "
             "that the nodes can read"
+        )
+        assert (
+            (one / f"init_from{r}.txt")
+            .read_text()
+            .startswith(
+                f"the workers on 10.0.0.1 (node a), 10.0.0.2 (node b) cannot read model.init_from: {one / 'hf'} is not "
+                "a folder. Each node reads it itself"
+            )
         )
 
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import ray
 import ray.train
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from moe_ray.data import batch_digest, batch_share, eval_windows, sample_windows, window_length
 from moe_ray.hf.init_from import load_init_from
+from moe_ray.hf.layout import LayoutError
 from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
@@ -45,6 +47,7 @@ from moe_ray.train.step import STEP_PHASES, compute_dtype, train_step
 from moe_ray.train.trainer import build_model
 
 log = logging.getLogger("moe_ray.worker")
+T = TypeVar("T")
 # The step's time breakdown, in seconds: the phases of train_step, the part of forward and
 # backward blocked in all-to-alls, and saving the checkpoint before this step.
 TIME_METRICS = tuple(f"time/{p}" for p in (*STEP_PHASES, "dispatch_wait", "checkpoint"))
@@ -148,25 +151,30 @@ def check_storage_shared(run_folder: Path, rank: int, nodes: list[str], wait_s: 
             marker.unlink(missing_ok=True)
 
 
-def open_run_data(uri: str, rank: int, nodes: list[str]) -> PreparedDataset:
-    """The run's dataset, which each worker opens itself: the driver found it with its own files
-    and credentials, which a cluster's nodes do not share."""
-    data, problem = None, None
+def read_on_every_rank(what: str, read: Callable[[], T], nodes: list[str]) -> T:
+    """`read()` (of the run's data, or model.init_from) on every rank, each with its own node's
+    files and credentials, which a cluster's nodes do not share with the driver that found them;
+    if it fails anywhere, every rank raises SetupError naming the nodes."""
+    result, problem = None, None
     try:
-        if not Location(uri).is_s3 and not Path(uri).is_dir():
-            raise DatasetError(f"there is no folder {uri}")
-        data = open_dataset(uri)
-    except (DatasetError, StorageError, OSError) as err:
+        result = read()
+    except (DatasetError, LayoutError, StorageError, OSError) as err:
         problem = str(err)
     stop_unless_every_rank_can(
         problem,
         nodes,
         lambda failed, why: (
-            f"the workers on {failed} cannot read the run's data: {why}. Each node reads it itself: give a "
-            "folder that every node mounts at the same path, or an s3:// URI that the nodes can read"
+            f"the workers on {failed} cannot read {what}: {why}. Each node reads it itself: give a folder that "
+            "every node mounts at the same path, or an s3:// URI that the nodes can read"
         ),
     )
-    return data
+    return result
+
+
+def open_run_data(uri: str) -> PreparedDataset:
+    if not Location(uri).is_s3 and not Path(uri).is_dir():
+        raise DatasetError(f"there is no folder {uri}")  # not "not a prepared dataset": the driver saw it
+    return open_dataset(uri)
 
 
 def restore(ctx: WorkerContext, model, optimizer) -> int:
@@ -264,7 +272,8 @@ def train_loop_per_worker(config: dict) -> None:
     # first checkpoint, where a storage problem used to show first.
     names = [f"{ip} (node {n[:8]})" for n, ip in nodes]
     check_storage(run_location(job.checkpoint.storage, run_name), rank, names)
-    data = open_run_data(config["data"], rank, names)  # read by position: only this worker's windows
+    # Read by position: only this worker's windows.
+    data = read_on_every_rank("the run's data", lambda: open_run_data(config["data"]), names)
     coordinator = get_coordinator(run_name)
     records = CoordinatorRecords(coordinator)  # rank 0 sends its metrics and events through it
 
@@ -282,7 +291,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(model, job.train)
     start_step = restore(ctx, model, optimizer)
     if start_step == 0 and job.model.init_from:  # a fresh run starts from the Hugging Face weights
-        load_init_from(model, job.model.init_from)
+        read_on_every_rank("model.init_from", lambda: load_init_from(model, job.model.init_from), names)
     generation = None
     if rank == 0:
         # The bias the model now holds (the checkpoint's, or the initial one of a fresh start):
