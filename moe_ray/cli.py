@@ -227,7 +227,7 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
             sub = control_submitted(address, run, command, *args)
         typer.echo(f"{command} request for {run} sent ({sub})")
         return None
-    from moe_ray.runtime.driver import run_marker
+    from moe_ray.runtime.driver import RunNotFound, run_marker
 
     marker = run_marker(run)
     if address is None and not marker.is_file():
@@ -236,7 +236,16 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
     with exit_on(ConnectionError):  # ClusterAddressError is one
         join(address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
     with exit_on(RunError, ValueError):
-        return ask()
+        try:
+            return ask()
+        except RunNotFound:
+            if address is not None or not marker.is_file():
+                raise
+            # Its driver is up (it wrote the marker) but has not made the run's coordinator yet.
+            raise RunError(
+                f"run {run!r} has not started training yet (it is preparing its data): it takes {command} "
+                "requests once its workers start; try again when it logs its first step"
+            ) from None
 
 
 def _data_config(**fields):

@@ -136,9 +136,9 @@ def test_ctrl_c_stops_the_run_marks_it_killed_and_says_how_to_continue(tmp_path)
     assert [(r.info.run_name, r.info.status) for r in mlflow_runs] == [("stopped", "KILLED")]
 
 
-def interrupt_once(args, cwd, started, timeout=180) -> tuple[int, str]:
-    """Run `moe-ray ARGS`, send it SIGINT (Ctrl-C) as soon as `started()` holds, and return its
-    exit code and output."""
+def interrupt_once(args, cwd, started, timeout=180, meanwhile=None) -> tuple[int, str]:
+    """Run `moe-ray ARGS`, send it SIGINT (Ctrl-C) as soon as `started()` holds (and `meanwhile()`
+    has run, if given), and return its exit code and output."""
     import time
 
     log = cwd / "interrupted.log"
@@ -154,6 +154,8 @@ def interrupt_once(args, cwd, started, timeout=180) -> tuple[int, str]:
         while not started() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, f"it ended before it was interrupted:\n{log.read_text()[-3000:]}"
+        if meanwhile:
+            meanwhile()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     return proc.returncode, log.read_text()
@@ -181,7 +183,19 @@ def test_ctrl_c_while_preparing_stops_the_task_and_leaves_no_half_written_data(t
     data = tmp_path / "runs" / "early" / "data"
     job = str(ROOT / "jobs" / "quickstart.yaml")
     sets = ["--set", f"checkpoint.storage={tmp_path / 'runs'}", "--set", f"data.source={big_corpus}"]
-    code, out = interrupt_once(["run", job, *sets, "--run", "early"], tmp_path, lambda: staged(data, "*"))
+    # `moe-ray scale` meanwhile: the run is there, but has no coordinator yet ("no running run").
+    scaled = []
+    scale = [str(Path(sys.executable).parent / "moe-ray"), "scale", "early", "--workers", "1"]
+    code, out = interrupt_once(
+        ["run", job, *sets, "--run", "early"],
+        tmp_path,
+        lambda: staged(data, "*"),
+        meanwhile=lambda: scaled.append(subprocess.run(scale, capture_output=True, text=True, timeout=120)),
+    )
+    assert scaled[0].returncode == 1 and scaled[0].stderr.startswith(
+        "error: run 'early' has not started training yet (it is preparing its data): it takes scale requests once "
+        "its workers start; try again when it logs its first step"
+    ), scaled[0].stderr
     assert code == 130, out[-3000:]
     assert (
         f"interrupted: run early stopped while preparing its data; it has no checkpoint yet: start it again "

@@ -48,6 +48,10 @@ class RunError(Exception):
     """A run that cannot start or did not finish; the message says why and what to do."""
 
 
+class RunNotFound(RunError):
+    """No run of that name has a coordinator in the cluster (none runs, or it has not got one yet)."""
+
+
 class RunInterrupted(RunError):
     """Ctrl-C (or `moe-ray stop`, which interrupts a job's driver): the workers are stopped, the
     MLflow run is marked KILLED, and the run continues from its newest complete checkpoint."""
@@ -520,7 +524,7 @@ def _ask_coordinator(run_name: str, method: str, *args) -> dict:
     try:
         coordinator = get_coordinator(run_name)
     except ValueError:
-        raise RunError(f"no running run named {run_name!r} in this Ray cluster") from None
+        raise RunNotFound(f"no running run named {run_name!r} in this Ray cluster") from None
     try:
         return ray.get(getattr(coordinator, method).remote(*args))
     except ray.exceptions.RayTaskError as err:
