@@ -150,7 +150,7 @@ def checkpoints(
     ] = None,
 ) -> None:
     """List a run's checkpoints with step and size (and prune old ones)."""
-    from moe_ray.storage.catalog import list_checkpoints, run_location
+    from moe_ray.storage.catalog import list_checkpoints, run_location, runs_there
     from moe_ray.storage.catalog import prune as prune_run
     from moe_ray.storage.s3 import StorageError
 
@@ -168,9 +168,9 @@ def checkpoints(
             for c in prune_run(run, prune):
                 typer.echo(f"deleted {c.name}")
         ckpts = list_checkpoints(run)
-    if not ckpts:
-        typer.echo(f"no checkpoints under {run}", err=True)
-        raise typer.Exit(1)
+        if not ckpts:
+            typer.echo(f"no checkpoints under {run}{runs_there(storage)}", err=True)
+            raise typer.Exit(1)
     typer.echo(f"{'checkpoint':<16} {'step':>8} {'size':>12}  status")
     for c in ckpts:
         typer.echo(f"{c.name:<16} {c.step:>8} {c.size / 2**20:>10.2f}MB  {'complete' if c.complete else 'INCOMPLETE'}")

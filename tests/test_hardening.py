@@ -144,6 +144,19 @@ def test_a_run_folder_given_for_a_run_name_gets_the_command_that_lists_it():
     assert out.exit_code == 2 and "moe-ray checkpoints" not in out.output and "is not a valid run name" in out.output
 
 
+def test_a_run_name_that_holds_nothing_gets_the_runs_that_are_there(tmp_path):
+    """A mistyped name said only "no checkpoints under STORAGE/NAME"."""
+    out = CliRunner().invoke(app, ["checkpoints", "quick-2", "--storage", str(tmp_path)])
+    assert out.exit_code == 1 and f"({tmp_path} holds no runs)" in out.output, out.output
+    for name in ("quick-1", "long-3"):
+        (tmp_path / name / "step-00000010").mkdir(parents=True)
+    out = CliRunner().invoke(app, ["checkpoints", "quick-2", "--storage", str(tmp_path)])
+    assert (
+        out.exit_code == 1
+        and f"no checkpoints under {tmp_path / 'quick-2'} (runs in {tmp_path}: long-3, quick-1)" in (out.output)
+    ), out.output
+
+
 def test_cluster_command_lines_quote_their_arguments():
     from moe_ray.submit import control_entrypoint, run_entrypoint
 

@@ -1,6 +1,7 @@
 """Checkpoints through S3 over real HTTP (moto's server mode) with a real local Ray."""
 
 import os
+import re
 
 import boto3
 import pytest
@@ -150,7 +151,10 @@ def test_submit_refuses_a_run_name_the_cluster_would_refuse_before_reaching_it(s
         taken.output
     )
     none = submit("--resume", "--run", "no-such-run")
-    assert none.exit_code == 1 and f"no checkpoints under s3://{BUCKET}/runs/no-such-run" in none.output
+    assert none.exit_code == 1 and re.search(
+        rf"no checkpoints under s3://{BUCKET}/runs/no-such-run \(runs in s3://{BUCKET}/runs: (\S+, )*s3run[,)]",
+        " ".join(none.output.split()),
+    ), none.output
     # A name that may go ahead is passed on to the cluster (here: not reached).
     for args in (["--resume", "--run", "s3run"], ["--run", "a-new-run"]):
         out = submit(*args)

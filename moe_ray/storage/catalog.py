@@ -42,8 +42,22 @@ def run_name_problem(storage: str, run_name: str, resume: bool) -> str | None:
             f"--run {run_name}, or give a new name"
         )
     if resume and not held:
-        return f"--resume --run {run_name}: no checkpoints under {run}"
+        return f"--resume --run {run_name}: no checkpoints under {run}{runs_there(storage)}"
     return None
+
+
+def runs_there(storage: str, most: int = 10) -> str:
+    """A hint for a run name that holds nothing: " (runs in STORAGE: a, b, ...)", the names of
+    the folders there, or " (STORAGE holds no runs)"."""
+    loc = Location(storage)
+    if loc.is_s3:
+        names = s3.list_children(loc)
+    else:
+        names = sorted(p.name for p in loc.local_path.iterdir() if p.is_dir()) if loc.local_path.is_dir() else []
+    if not names:
+        return f" ({storage} holds no runs)"
+    more = f", and {len(names) - most} more" if len(names) > most else ""
+    return f" (runs in {storage}: {', '.join(names[-most:])}{more})"
 
 
 def list_checkpoints(run: Location) -> list[CheckpointInfo]:

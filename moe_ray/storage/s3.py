@@ -106,6 +106,18 @@ def list_objects(loc: Location) -> list[dict]:
     return out
 
 
+def list_children(loc: Location) -> list[str]:
+    """The names of the "folders" directly below the location (common prefixes), sorted."""
+    s3 = client()
+    prefix = loc.prefix + "/" if loc.prefix else ""
+    out = []
+    with storage_errors(loc, "list"):
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
+        for page in pages:
+            out.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+    return sorted(out)
+
+
 def delete_prefix(loc: Location) -> int:
     s3 = client()
     keys = [o["Key"] for o in list_objects(loc)]
