@@ -412,7 +412,7 @@ def generate(
     with exit_on(CheckpointError, DataError, StorageError):
         loaded = load_model(checkpoint)
         spec = path_named_by("tokenizer", loaded.job.data.tokenizer, tokenizer, "--tokenizer")
-        tok = Tokenizer(spec)
+        tok = Tokenizer(spec, loaded.job.model.vocab_size)
     if loaded.uri != checkpoint:
         typer.echo(f"(checkpoint {loaded.uri}, step {loaded.step}: the run's newest complete one)", err=True)
     ids = tok.encode(prompt)

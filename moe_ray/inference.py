@@ -51,6 +51,10 @@ def path_named_by(what: str, value: str, given: str | None, option: str) -> str:
     is built in (`builtin`, `bytes`). moe-ray never opens a path or URI just because a checkpoint
     names it: the user repeats it."""
     if given is not None:
+        if what == "tokenizer" and value == "bytes" and given != "bytes":  # ids the model never saw
+            raise ckpt.CheckpointError(
+                f"the model was trained on byte tokens (data.tokenizer: bytes): leave {option} out"
+            )
         return given
     if value in ("builtin", "bytes"):
         return value
@@ -63,10 +67,17 @@ def path_named_by(what: str, value: str, given: str | None, option: str) -> str:
 class Tokenizer:
     """Bytes, or the job's tokenizer.json: what the model was trained with."""
 
-    def __init__(self, spec: str):
-        from moe_ray.runtime.prepare import load_tokenizer
+    def __init__(self, spec: str, model_vocab: int | None = None):
+        from moe_ray.data import DataError
+        from moe_ray.runtime.prepare import load_tokenizer, tokenizer_vocab
 
         self.hf = load_tokenizer(spec)
+        vocab = tokenizer_vocab(self.hf)
+        if model_vocab is not None and vocab > model_vocab:  # its ids would be out of the model's range
+            raise DataError(
+                f"the tokenizer {spec} has {vocab} tokens, more than the model's {model_vocab}: give the "
+                "tokenizer.json the model was trained with"
+            )
 
     def encode(self, text: str) -> list[int]:
         return encode_bytes(text) if self.hf is None else self.hf.encode(text).ids

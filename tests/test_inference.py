@@ -67,6 +67,30 @@ def test_eval_and_generate_commands(checkpoint):
     assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
 
 
+def test_a_tokenizer_the_model_was_not_trained_with_is_refused(checkpoint, tmp_path):
+    """generate and eval took any --tokenizer: text of ids the model never saw, or an IndexError
+    in the embedding for ids beyond its vocabulary."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from typer.testing import CliRunner
+
+    from moe_ray.cli import app
+    from moe_ray.data import DataError
+    from moe_ray.inference import Tokenizer
+
+    words = HFTokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["a b c d e"], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    words.save(str(tmp_path / "tok.json"))
+    for command in (["generate", checkpoint, "--prompt", "a b"], ["eval", checkpoint]):
+        out = CliRunner().invoke(app, [*command, "--tokenizer", str(tmp_path / "tok.json")])
+        assert out.exit_code == 1, out.output
+        assert "the model was trained on byte tokens (data.tokenizer: bytes): leave --tokenizer out" in out.output
+    with pytest.raises(DataError, match="has 7 tokens, more than the model's 4: give the tokenizer.json the model"):
+        Tokenizer(str(tmp_path / "tok.json"), model_vocab=4)
+    assert Tokenizer(str(tmp_path / "tok.json"), model_vocab=7).encode("a b") == words.encode("a b").ids
+
+
 def test_a_run_folder_names_its_newest_complete_checkpoint(checkpoint, tmp_path):
     import shutil
 
