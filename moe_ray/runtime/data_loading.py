@@ -18,7 +18,7 @@ import numpy as np
 
 from moe_ray.data import DataError, window_length
 from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format, tokenizer_bytes
-from moe_ray.spec import DataConfig, JobSpec
+from moe_ray.spec import DataConfig, JobSpec, data_with_absolute_paths
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_location
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest
@@ -103,10 +103,7 @@ def check_data(job: JobSpec) -> str:
 
 def run_dataset(job: JobSpec, run_name: str, on_progress=None) -> tuple[str, str]:
     """(the URI of the dataset the run reads, a line saying what it holds)."""
-    cfg = job.data
-    if cfg.source != "builtin" and not cfg.source.startswith("s3://"):
-        # Absolute: the workers and the prepare task do not run in the driver's folder.
-        cfg = cfg.model_copy(update={"source": str(Path(cfg.source).expanduser().resolve())})
+    cfg = data_with_absolute_paths(job.data)  # the workers and the prepare task run in other folders
     if _prepared_source(cfg, job.model.vocab_size) is not None:
         uri = cfg.source
     else:
