@@ -246,21 +246,34 @@ def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(r
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def wait_for(what, probe, timeout):
+    """Poll `probe` (cheap: the Jobs API in this process, not a CLI start of ~3 s) until it returns
+    something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not (found := probe()):
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.5)
+    return found
+
+
 def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
+    from moe_ray.submit import client as jobs_client
+
+    jobs = jobs_client(ray_head)  # polls only; every answer asserted comes from the CLI
     # A job that finishes.
     out = cli("submit", str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri)), "--address", ray_head).stdout
     sub_id = re.search(r"submitted (\S+)", out)[1]
     assert re.search(r"MLflow run: http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/\w+", out)
     followed = cli("logs", sub_id, "--follow", "--address", ray_head, timeout=400)
-    assert "done: run small-" in followed.stdout, followed.stdout[-3000:]
+    assert "done: run small-" in followed.stdout and ", 3 steps" in followed.stdout, followed.stdout[-3000:]
+    assert f"[{sub_id}: SUCCEEDED]" in followed.stderr, followed.stderr
     assert "SUCCEEDED" in cli("status", sub_id, "--address", ray_head).stdout
-    assert "3 steps" in cli("logs", sub_id, "--address", ray_head).stdout
     # Its MLflow run: created at submission, filled by the driver on the cluster.
-    client = MlflowClient(mlflow_stack.mlflow_uri)
-    exp = client.get_experiment_by_name("submitted")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{sub_id}'")
+    tracking = MlflowClient(mlflow_stack.mlflow_uri)
+    exp = tracking.get_experiment_by_name("submitted")
+    runs = tracking.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{sub_id}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
+    assert [m.step for m in tracking.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
 
     # The same run name again: refused on the cluster before any training (it would have
     # continued that run quietly); with --resume it goes on from step 3 in the same MLflow run.
@@ -268,10 +281,12 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     job_file = str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri))
     again = cli("submit", job_file, "--run", small_run, "--address", ray_head).stdout
     again_id = re.search(r"submitted (\S+)", again)[1]
-    cli("logs", again_id, "--follow", "--address", ray_head, timeout=400, check=False)
+    wait_for("end of the refused job", lambda: jobs.get_job_status(again_id).is_terminal(), 120)
+    refused = cli("logs", again_id, "--address", ray_head).stdout  # without --follow: the log so far
+    assert f"already holds that run's checkpoints: continue it with --resume --run {small_run}" in " ".join(
+        refused.split()
+    ), refused[-3000:]
     assert "FAILED" in cli("status", again_id, "--address", ray_head).stdout
-    refused = " ".join(cli("logs", again_id, "--address", ray_head).stdout.split())
-    assert f"already holds that run's checkpoints: continue it with --resume --run {small_run}" in refused
     resumed = cli(
         "submit", job_file, "--resume", "--run", small_run, "--set", "train.steps=4", "--address", ray_head
     ).stdout
@@ -284,39 +299,26 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     assert "Reporting training result" not in followed and "training worker group" not in followed, followed
     # MLflow params cannot change: the first ones stay, a tag says what the resume changed (a
     # changed param used to fail every batch, and the resumed steps' metrics never arrived).
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2, 3]
-    run = client.get_run(runs[0].info.run_id)
+    assert [m.step for m in tracking.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2, 3]
+    run = tracking.get_run(runs[0].info.run_id)
     assert run.data.params["train.steps"] == "3" and run.info.status == "FINISHED"
     assert run.data.tags["moe_ray.params_changed_on_resume"] == "train.steps: 3 -> 4"
 
     # A long job, stopped while it runs.
     out = cli("submit", str(write_job(tmp_path, "long", 100_000, mlflow_stack.mlflow_uri)), "--address", ray_head)
     long_id = re.search(r"submitted (\S+)", out.stdout)[1]
-    deadline = time.time() + 120
-    while "RUNNING" not in cli("status", long_id, "--address", ray_head).stdout:
-        assert time.time() < deadline
-        time.sleep(1)
     # `moe-ray scale` by submission id: the run goes on from a step boundary with 2 workers.
-    while "1 workers" not in cli("logs", long_id, "--address", ray_head).stdout:
-        assert time.time() < deadline
-        time.sleep(1)
+    wait_for("training with 1 worker", lambda: "1 workers" in jobs.get_job_logs(long_id), 120)
+    assert "RUNNING" in cli("status", long_id, "--address", ray_head).stdout
     assert f"scale request for {long_id} sent" in cli("scale", long_id, "--workers", "2", "--address", ray_head).stdout
-    deadline = time.time() + 180
-    while not re.search(
-        r"restarted \(scale\) at step \d+ with 2 workers: 0 step",
-        logs := cli("logs", long_id, "--address", ray_head).stdout,
-    ):
-        assert time.time() < deadline, logs[-3000:]
-        time.sleep(2)
+    restart = r"restarted \(scale\) at step \d+ with 2 workers: 0 step"
+    logs = wait_for("restart with 2 workers", lambda: re.search(restart, jobs.get_job_logs(long_id)), 180).string
     assert "scale requested: 2 workers" in logs and "2 workers" in logs
     assert "stop requested" in cli("stop", long_id, "--address", ray_head).stdout
-    deadline = time.time() + 120
-    while "STOPPED" not in cli("status", long_id, "--address", ray_head).stdout:
-        assert time.time() < deadline
-        time.sleep(1)
+    wait_for("stop", lambda: jobs.get_job_status(long_id).is_terminal(), 120)
     # Ray stops a job's driver with SIGTERM (SIGKILL 3 s later), taken as Ctrl-C: the MLflow run
     # is KILLED, not RUNNING for ever, and the log says how to go on.
-    [long_run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{long_id}'")
+    [long_run] = tracking.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{long_id}'")
     assert long_run.info.status == "KILLED"
     stopped = " ".join(cli("logs", long_id, "--address", ray_head).stdout.split())
     assert re.search(
@@ -327,4 +329,5 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
 
     listing = cli("list", "--address", ray_head).stdout
     assert re.search(rf"{re.escape(sub_id)}\s+SUCCEEDED\s+small-", listing)
+    assert re.search(rf"{re.escape(again_id)}\s+FAILED\s+small-", listing)
     assert re.search(rf"{re.escape(long_id)}\s+STOPPED\s+long-", listing)
