@@ -143,6 +143,45 @@ def test_rebalance_places_experts_by_load_and_changes_nothing_else(job, uninterr
     assert all(m["rank_imbalance"] >= 1.0 for m in result.progress.metrics)
 
 
+def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local_ray, tmp_path):
+    """A learning rate of 1e4 puts NaN into the weights within a few steps. The run used to go on
+    with a loss of nan for ever, checkpointing NaN weights; now every rank raises at the first
+    non-finite loss or gradient norm, before that step's checkpoint, and since a restart replays
+    the same steps from the same checkpoint, the group is restarted once (a one-off fault would
+    not come back), not max_failures times (for ever with -1)."""
+    import math
+    import re
+
+    from moe_ray.runtime.driver import RunError
+    from moe_ray.storage.catalog import list_checkpoints, run_location
+
+    job = tiny_job(
+        tmp_path,
+        train__lr=1e4,
+        train__warmup_steps=0,
+        train__steps=12,
+        checkpoint__every=2,
+        resources__max_failures=-1,
+    )
+    seen = {}
+    with pytest.raises(RunError) as err:
+        run_job(job, run_name="diverged", on_progress=lambda progress: seen.update(progress=progress))
+    said = str(err.value)
+    at = int(re.search(r"^run diverged failed: training diverged at step (\d+): loss ", said)[1])
+    assert "Lower train.lr (10000)" in said and "Traceback" not in said and "moe_ray." not in said, said
+    assert said.endswith(
+        f"(raised at step {at} in two attempts in a row, so not restarted again: a restart "
+        "replays the same steps from the same checkpoint)"
+    ), said
+    progress = seen["progress"]
+    [restart] = [e for e in progress.events if e.get("event") == "restart"]
+    assert restart["cause"] == "worker failure"
+    assert [m["step"] for m in progress.metrics] == list(range(at - 1))  # the diverged step: not reported
+    assert all(math.isfinite(m["loss"]) for m in progress.metrics)
+    written = [c.step for c in list_checkpoints(run_location(job.checkpoint.storage, "diverged"))]
+    assert written and max(written) < at  # none of the NaN weights
+
+
 def test_scale_refuses_impossible_worker_counts(local_ray):
     from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
     from moe_ray.runtime.driver import RunError

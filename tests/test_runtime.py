@@ -275,21 +275,50 @@ def test_data_that_a_node_cannot_read_stops_every_rank_naming_the_node(tmp_path)
         )
 
 
-def test_failure_policy_stops_on_a_setup_error():
-    """Ray Train's own policy decides, except that a worker's SetupError raises at once."""
+def test_failure_policy_stops_on_a_setup_error_and_on_the_same_error_at_the_same_point_twice():
+    """Ray Train's own policy decides (tested against it, not a stand-in), except that a worker's
+    SetupError raises at once, and so does an error that the attempt before raised at the same
+    point. A death (no point recorded) and an error met at another step are retried as before."""
+    import pickle
+
     from ray.train import FailureConfig
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from moe_ray.runtime.failures import SetupError, SetupErrorsStop, setup_error
+    from moe_ray.runtime.failures import FailurePoint, SetupError, UnmendableFailuresStop, repeated_at, setup_error
 
-    policy = SetupErrorsStop(DefaultFailurePolicy(FailureConfig(max_failures=-1)))
-    crashed = WorkerGroupError("rank 1 died", {1: RuntimeError("connection reset")})
-    assert [policy.make_decision(crashed) for _ in range(3)] == [FailureDecision.RETRY] * 3
+    RETRY, RAISE = FailureDecision.RETRY, FailureDecision.RAISE
+
+    def raised_at(at, error):
+        with pytest.raises(type(error)), FailurePoint() as point:
+            point.at = at
+            raise error
+        return pickle.loads(pickle.dumps(error))  # as it reaches the controller from a worker
+
+    def group(**ranks):
+        return WorkerGroupError("failed", {int(r[4:]): e for r, e in ranks.items()})
+
+    policy = UnmendableFailuresStop(DefaultFailurePolicy(FailureConfig(max_failures=-1)))
+    died = group(rank1=RuntimeError("connection reset"))  # raised nowhere moe-ray records: a death
+    assert [policy.make_decision(died) for _ in range(3)] == [RETRY] * 3
     found = SetupError("storage the nodes cannot use")
-    setup = WorkerGroupError("both", {1: found, 0: SetupError("the same, rank 0"), 2: RuntimeError("collateral")})
-    assert policy.make_decision(setup) == FailureDecision.RAISE
-    assert str(setup_error(setup)) == "the same, rank 0" and setup_error(crashed) is None
+    setup = group(rank1=found, rank0=SetupError("the same, rank 0"), rank2=RuntimeError("collateral"))
+    assert policy.make_decision(setup) == RAISE
+    assert str(setup_error(setup)) == "the same, rank 0" and setup_error(died) is None
+
+    policy = UnmendableFailuresStop(DefaultFailurePolicy(FailureConfig(max_failures=-1)))
+    oom = lambda at, free: raised_at(at, MemoryError(f"out of memory: {free} MiB free at 0x7f{free}"))  # noqa: E731
+    assert policy.make_decision(group(rank0=oom(7, 12))) == RETRY
+    assert policy.make_decision(group(rank0=oom(9, 12))) == RETRY  # another step: it got further
+    assert policy.make_decision(group(rank0=raised_at(9, ValueError("a bug")))) == RETRY  # another error
+    assert policy.make_decision(group(rank0=oom(9, 30))) == RETRY
+    assert policy.make_decision(died) == RETRY  # a death between two equal failures: not in a row
+    last = group(rank0=oom(9, 31), rank1=raised_at(9, RuntimeError("collateral: peer gone")))
+    assert repeated_at(last) is None and policy.make_decision(last) == RETRY
+    again = group(rank1=oom(9, 14))  # the same error at the same step (numbers aside), on another rank
+    assert policy.make_decision(again) == RAISE and repeated_at(again) == 9
+    assert policy.make_decision(group(rank0=oom("setup", 1))) == RETRY
+    assert policy.make_decision(group(rank0=oom("setup", 1))) == RAISE
 
 
 def test_local_storage_that_the_nodes_do_not_share_is_refused_by_every_rank(tmp_path):

@@ -76,3 +76,20 @@ def test_optimizer_gives_a_shard_the_bits_of_the_whole_parameter():
         opt_parts.step()
     assert not torch.equal(whole["w"].detach(), weight)
     assert torch.equal(whole["w"].detach(), torch.cat([parts["a"].detach(), parts["b"].detach()]))
+
+
+def test_a_step_whose_loss_or_gradient_is_not_finite_raises_and_is_not_counted():
+    """An absurd learning rate puts NaN into the weights within a few steps; training on them
+    would go on for ever with a loss of nan (and checkpoints of NaN weights)."""
+    import math
+
+    from moe_ray.train.step import TrainingDiverged
+
+    train = TrainConfig(steps=10, batch_size=4, seq_len=32, eval_every=0, eval_batches=1, warmup_steps=0, lr=1e4)
+    trainer = Trainer(small_model(), BalanceConfig(), train, builtin_corpus())
+    seen = []
+    with pytest.raises(TrainingDiverged, match=r"Lower train.lr \(10000\)") as err:
+        trainer.fit(on_step=seen.append)
+    assert seen and all(math.isfinite(r.loss) and math.isfinite(r.grad_norm) for r in seen)
+    assert trainer.step == len(seen) < 10  # the diverged step is not counted as done
+    assert f"training diverged at step {len(seen) + 1}: " in str(err.value)  # counted from 1, as progress is

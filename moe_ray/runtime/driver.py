@@ -22,7 +22,7 @@ from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
-from moe_ray.runtime.failures import setup_error, with_setup_errors_final
+from moe_ray.runtime.failures import SetupError, raised_by_a_rank, repeated_at, stop_on_unmendable_failures
 from moe_ray.runtime.prepare import at_most_every, progress_line
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
@@ -32,6 +32,7 @@ from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location, run_name_problem
 from moe_ray.storage.location import Location, make_writable_folder
 from moe_ray.system import cache_dir
+from moe_ray.train.step import TrainingDiverged
 
 log = logging.getLogger("moe_ray.driver")
 
@@ -249,7 +250,7 @@ def _trainer(
     res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
     elastic = isinstance(workers, tuple)
-    return with_setup_errors_final(TorchTrainer)(
+    return stop_on_unmendable_failures(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
@@ -539,7 +540,15 @@ def _root_cause(err: BaseException) -> str:
         if nxt is None or nxt is seen:
             break
         seen = nxt
-    if (ours := setup_error(seen)) is not None:  # its words alone, without Ray's traceback
-        return str(ours)
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
+    if (ours := raised_by_a_rank(seen, (SetupError, TrainingDiverged))) is not None:
+        cause = str(ours)  # moe-ray's words for the user, without Ray's traceback
+    else:
+        text = str(seen).strip().splitlines()
+        cause = text[-1] if text else type(seen).__name__
+    if (at := repeated_at(seen)) is not None:
+        where = "in setup" if at == "setup" else f"at step {at}"
+        cause += (
+            f" (raised {where} in two attempts in a row, so not restarted again: a restart replays the same "
+            "steps from the same checkpoint)"
+        )
+    return cause

@@ -1,22 +1,70 @@
 """Which worker failures restart the worker group (DESIGN 5.4): a lost node or a crashed worker
-does, up to `resources.max_failures` times; a problem that the workers find with the job or with
-their nodes before the first step (storage or data they cannot reach) does not, since a new group
-on the same nodes would meet it again: the run stops at once and says it, instead of restarting
-its group max_failures times (for ever with -1).
+does, up to `resources.max_failures` times. Two kinds do not, since a new group would meet them
+again and, with -1, restart for ever:
+- a problem that the workers find with the job or with their nodes before the first step
+  (storage or data they cannot reach): a SetupError, final at once;
+- the same error raised at the same point (setup, or step N) as in the attempt before: a restart
+  replays the same steps from the same checkpoint on the same data, so a bug, a diverged loss or
+  an out-of-memory there is met again. It is retried once (a one-off fault is not repeated).
 """
 
 from __future__ import annotations
+
+import re
 
 
 class SetupError(RuntimeError):
     """Raised by every worker of a group for a problem that another attempt would meet again."""
 
 
+def raised_by_a_rank(error: BaseException, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The exception of one of `kinds` (of the lowest rank) in a worker group's failure (Ray
+    Train's WorkerGroupError holds each rank's own exception), or None."""
+    return next((e for _, e in _failures(error) if isinstance(e, kinds)), None)
+
+
 def setup_error(error: BaseException) -> SetupError | None:
-    """The SetupError (of the lowest rank) in a worker group's failure (Ray Train's
-    WorkerGroupError, which holds each rank's own exception), or None: no restart can mend it."""
-    failures = getattr(error, "worker_failures", None) or {}
-    return next((e for _, e in sorted(failures.items()) if isinstance(e, SetupError)), None)
+    """The SetupError in a worker group's failure, or None: no restart can mend it."""
+    return raised_by_a_rank(error, SetupError)
+
+
+class FailurePoint:
+    """Where a worker is: "setup", then the step it runs (set `.at`). An exception leaving the
+    `with` block records it (pickled with the exception, so the failure policy can read it)."""
+
+    def __init__(self):
+        self.at: str | int = "setup"
+
+    def __enter__(self) -> FailurePoint:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, Exception):
+            error.moe_ray_failed_at = self.at
+
+
+def repeated_at(error: BaseException) -> str | int | None:
+    """Where a failure the policy did not retry (the same as the attempt before's) happened."""
+    return next((e.moe_ray_failed_at for _, e in _failures(error) if getattr(e, "moe_ray_repeated", False)), None)
+
+
+def _failures(error: BaseException) -> list[tuple[int, BaseException]]:
+    return sorted((getattr(error, "worker_failures", None) or {}).items())
+
+
+def _signature(e: BaseException) -> tuple | None:
+    """(type, message with its numbers masked, where) of a rank's exception; None when moe-ray
+    did not record where it was raised: a worker that died or a node that was lost, which a
+    restart may well mend."""
+    if (at := getattr(e, "moe_ray_failed_at", None)) is None:
+        return None
+    return type(e).__qualname__, re.sub(r"0x[0-9a-fA-F]+|\d+", "#", str(e)), at
+
+
+def _signatures(error: BaseException) -> set[tuple]:
+    """The signatures of a group's failure; empty when one of its ranks has none."""
+    found = {_signature(e) for _, e in _failures(error)}
+    return set() if None in found else found
 
 
 try:  # Ray Train's failure policy is a private API: where it moves, every failure is retried
@@ -26,28 +74,36 @@ except ImportError:  # pragma: no cover
 
 if FailurePolicy is not None:
 
-    class SetupErrorsStop(FailurePolicy):
-        """Ray Train's own policy, except that a SetupError raises at once."""
+    class UnmendableFailuresStop(FailurePolicy):
+        """Ray Train's own policy, except that a SetupError, or an error of the attempt before
+        raised again at the same point, raises at once."""
 
         def __init__(self, inner: FailurePolicy):
             super().__init__(inner.failure_config)
             self.inner = inner
+            self.before: set[tuple] = set()
 
         def make_decision(self, training_failed_error):
             if setup_error(training_failed_error) is not None:
                 return FailureDecision.RAISE
+            now = _signatures(training_failed_error)
+            again, self.before = now & self.before, now
+            if again:  # the attempt before failed the same way at the same point
+                for _, e in _failures(training_failed_error):
+                    e.moe_ray_repeated = _signature(e) in again
+                return FailureDecision.RAISE
             return self.inner.make_decision(training_failed_error)
 
 
-def with_setup_errors_final(trainer_cls: type) -> type:
-    """`trainer_cls` (a Ray Train trainer) whose controller stops on a SetupError."""
+def stop_on_unmendable_failures(trainer_cls: type) -> type:
+    """`trainer_cls` (a Ray Train trainer) whose controller stops on a failure no restart mends."""
     if FailurePolicy is None or not hasattr(trainer_cls, "_initialize_and_run_controller"):
         return trainer_cls
 
     class Trainer(trainer_cls):
         def _initialize_and_run_controller(self, **kwargs):
             if "failure_policy" in kwargs:
-                kwargs["failure_policy"] = SetupErrorsStop(kwargs["failure_policy"])
+                kwargs["failure_policy"] = UnmendableFailuresStop(kwargs["failure_policy"])
             return super()._initialize_and_run_controller(**kwargs)
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__

@@ -32,7 +32,7 @@ from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
-from moe_ray.runtime.failures import SetupError
+from moe_ray.runtime.failures import FailurePoint, SetupError
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
@@ -43,7 +43,7 @@ from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dat
 from moe_ray.system import tune_cpu_allocator
 from moe_ray.train.evaluate import evaluate
 from moe_ray.train.optim import build_optimizer
-from moe_ray.train.step import STEP_PHASES, compute_dtype, train_step
+from moe_ray.train.step import STEP_PHASES, check_finite, compute_dtype, train_step
 from moe_ray.train.trainer import build_model
 
 log = logging.getLogger("moe_ray.worker")
@@ -256,6 +256,12 @@ def quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # Where it fails, on its exception: the failure policy tells a repeated failure by it.
+    with FailurePoint() as point:
+        _train(config, point)
+
+
+def _train(config: dict, point: FailurePoint) -> None:
     if not config.get("ray_train_info_logs"):
         quiet_ray_train_reports()
     job = JobSpec.model_validate(config["job"])
@@ -337,6 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
     summary: dict = {}
     checkpoint_s = 0.0  # saving the last checkpoint, reported with the next step's times
     for step in range(start_step, cfg.steps):
+        point.at = step + 1  # as the progress lines count
         for d in ep_dispatchers(model):  # count this step's all-to-alls only (not an evaluation's)
             d.bytes_moved, d.rows_in, d.clock.seconds = 0, 0, 0.0
         batch = sample_windows(data.train, window, cfg.seed, step, first, count).to(device)
@@ -352,6 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
             clip=grads.clip,
         )
         metrics = step_metrics(res, step, count / cfg.batch_size, model, checkpoint_s, device)
+        check_finite(step, metrics["loss"], metrics["grad_norm"], cfg)  # every rank: the global numbers
         metrics["tokens_per_s"] = cfg.batch_size * cfg.seq_len / res.seconds
         if not multi_node:
             metrics.pop("max_nodes_per_token")

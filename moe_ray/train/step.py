@@ -8,6 +8,7 @@ next step. The distributed runtime plugs in its own bias source, gradient sync a
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,24 @@ class StepResult:
     max_nodes: int | None = None  # most nodes any token reached (node-aware routing only)
     # Host seconds of the step's phases (STEP_PHASES); on a GPU, where the host waited.
     times: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm is not finite: its optimizer step has put NaN or Inf into
+    the weights, and every later step would train on them."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float, cfg: TrainConfig) -> None:
+    """Raise TrainingDiverged for a non-finite loss or gradient norm of `step` (0-based). The
+    caller checks before it writes a checkpoint of the step, so the newest one is still sound."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingDiverged(
+        f"training diverged at step {step + 1}: loss {loss:.6g}, gradient norm {grad_norm:.6g}. Lower train.lr "
+        f"({cfg.lr:g}), lengthen train.warmup_steps ({cfg.warmup_steps}) or clip harder (train.grad_clip, "
+        f"{cfg.grad_clip:g}); then go on from the run's newest checkpoint, which is of before this step "
+        "(--resume with --set), or start anew"
+    )
 
 
 # The phases of a step, in order. forward and backward include the time blocked in the

@@ -13,7 +13,7 @@ from moe_ray.data import TokenSplits, eval_windows, sample_windows, window_lengt
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.optim import build_optimizer
-from moe_ray.train.step import LocalBias, StepResult, train_step
+from moe_ray.train.step import LocalBias, StepResult, check_finite, train_step
 
 
 def default_device() -> torch.device:
@@ -73,6 +73,7 @@ class Trainer:
 
     def run_step(self) -> StepResult:
         result = train_step(self.model, self.optimizer, self.batch(self.step), self.step, self.train_cfg, self.bias)
+        check_finite(self.step, result.loss, result.grad_norm, self.train_cfg)
         self.step += 1
         return result
 
