@@ -71,6 +71,7 @@ def test_killed_coordinator_then_killed_worker(job, uninterrupted):
     [came_back] = [e for e in result.progress.events if e.get("event") == "coordinator_restart"]
     [restart] = restarts(result)  # the worker kill's only: the coordinator's restarted no worker
     assert restart["cause"] == "worker failure" and restart["step"] % 3 == 0 and restart["step"] > 0
+    assert "died" in restart["error"]  # what failed, as Ray Train saw it (Ray's words for a killed worker)
     assert restart["steps_lost"] >= state["worker"] + 1 - restart["step"]
     assert restart["recovery_s"] > 0
     assert came_back["step"] > state["coordinator"]
@@ -175,7 +176,8 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     ), said
     progress = seen["progress"]
     [restart] = [e for e in progress.events if e.get("event") == "restart"]
-    assert restart["cause"] == "worker failure"
+    # The line about the restart says why (it said only "worker failure").
+    assert restart["cause"] == "worker failure" and restart["error"].startswith(f"training diverged at step {at}: ")
     assert [m["step"] for m in progress.metrics] == list(range(at - 1))  # the diverged step: not reported
     assert all(math.isfinite(m["loss"]) for m in progress.metrics)
     written = [c.step for c in list_checkpoints(run_location(job.checkpoint.storage, "diverged"))]

@@ -319,6 +319,10 @@ def test_failure_policy_stops_on_a_setup_error_and_on_the_same_error_at_the_same
     assert policy.make_decision(again) == RAISE and repeated_at(again) == 9
     assert policy.make_decision(group(rank0=oom("setup", 1))) == RETRY
     assert policy.make_decision(group(rank0=oom("setup", 1))) == RAISE
+    # Storage, the network or Ray out of reach at the same point (a checkpoint's upload) is an
+    # outage that a run with max_failures -1 is meant to wait out.
+    outage = lambda: group(rank0=raised_at(6, OSError("When uploading part: AWS Error NETWORK_CONNECTION")))  # noqa: E731
+    assert [policy.make_decision(outage()) for _ in range(3)] == [RETRY] * 3
 
 
 def test_local_storage_that_the_nodes_do_not_share_is_refused_by_every_rank(tmp_path):

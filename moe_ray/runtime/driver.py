@@ -22,7 +22,7 @@ from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
-from moe_ray.runtime.failures import SetupError, raised_by_a_rank, repeated_at, stop_on_unmendable_failures
+from moe_ray.runtime.failures import root_cause, stop_on_unmendable_failures
 from moe_ray.runtime.prepare import at_most_every, progress_line
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
@@ -32,7 +32,6 @@ from moe_ray.storage import s3
 from moe_ray.storage.catalog import list_checkpoints, run_location, run_name_problem
 from moe_ray.storage.location import Location, make_writable_folder
 from moe_ray.system import cache_dir
-from moe_ray.train.step import TrainingDiverged
 
 log = logging.getLogger("moe_ray.driver")
 
@@ -283,11 +282,11 @@ def _trainer(
 def _restart_event(progress: Progress, placement: dict, last_before: dict | None) -> dict:
     """A worker group started again: why, how many steps were lost, how long it took."""
     earlier = progress.events[:-1]  # the last event is `placement` itself
-    scaled = next((e for e in reversed(earlier) if e.get("event") in ("scaling", "placement")), {})
+    why = next((e for e in reversed(earlier) if e.get("event") in ("scaling", "failure", "placement")), {})
     last_step = last_before["step"] + 1 if last_before else 0
     cause = "worker failure"
-    if scaled.get("event") == "scaling":  # `moe-ray scale`, or `rebalance`: the same count again
-        cause = "rebalance" if scaled.get("from") == scaled.get("to") else "scale"
+    if why.get("event") == "scaling":  # `moe-ray scale`, or `rebalance`: the same count again
+        cause = "rebalance" if why.get("from") == why.get("to") else "scale"
     return {
         "event": "restart",
         "cause": cause,
@@ -295,6 +294,8 @@ def _restart_event(progress: Progress, placement: dict, last_before: dict | None
         "world_size": placement.get("world_size"),
         "steps_lost": max(0, last_step - placement["step"]),
         "recovery_s": placement["time"] - (last_before["time"] if last_before else placement["time"]),
+        # What failed, as Ray Train's failure policy saw it (failures.UnmendableFailuresStop).
+        **({"error": why["error"]} if why.get("event") == "failure" else {}),
     }
 
 
@@ -384,7 +385,7 @@ def _run(
                 )
             if "error" in outcome:
                 tracking.finish(None, coordinator, status="FAILED")
-                cause = _root_cause(outcome["error"])
+                cause = root_cause(outcome["error"])
                 if address and "AWS Error ACCESS_DENIED" in cause:  # pyarrow's S3, in Ray Train on the cluster
                     cause += (
                         f" (Ray Train, on the cluster, writing checkpoint.storage {job.checkpoint.storage}: the "
@@ -529,26 +530,4 @@ def _ask_coordinator(run_name: str, method: str, *args) -> dict:
     try:
         return ray.get(getattr(coordinator, method).remote(*args))
     except ray.exceptions.RayTaskError as err:
-        raise RunError(_root_cause(err)) from None
-
-
-def _root_cause(err: BaseException) -> str:
-    """The innermost worker error, without Ray's wrapping."""
-    seen = err
-    while True:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    if (ours := raised_by_a_rank(seen, (SetupError, TrainingDiverged))) is not None:
-        cause = str(ours)  # moe-ray's words for the user, without Ray's traceback
-    else:
-        text = str(seen).strip().splitlines()
-        cause = text[-1] if text else type(seen).__name__
-    if (at := repeated_at(seen)) is not None:
-        where = "in setup" if at == "setup" else f"at step {at}"
-        cause += (
-            f" (raised {where} in two attempts in a row, so not restarted again: a restart replays the same "
-            "steps from the same checkpoint)"
-        )
-    return cause
+        raise RunError(root_cause(err)) from None

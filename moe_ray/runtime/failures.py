@@ -6,11 +6,26 @@ again and, with -1, restart for ever:
 - the same error raised at the same point (setup, or step N) as in the attempt before: a restart
   replays the same steps from the same checkpoint on the same data, so a bug, a diverged loss or
   an out-of-memory there is met again. It is retried once (a one-off fault is not repeated).
+  Errors of storage, the network or Ray are never taken for a repeat (OUTAGES).
 """
 
 from __future__ import annotations
 
 import re
+import time
+
+from ray.exceptions import RayError
+from torch.distributed import DistError
+
+from moe_ray.runtime.coordinator import get_coordinator
+from moe_ray.storage.s3 import StorageError
+from moe_ray.train.step import TrainingDiverged
+
+# Errors of what lies outside the job (storage, the network, Ray, the process group's transport),
+# which may be out of reach for a while: an outage fails every attempt at the same point too (a
+# checkpoint's upload, a restore), and a run with max_failures -1 is meant to wait it out, so
+# these are never taken for a repeat.
+OUTAGES = (OSError, StorageError, RayError, DistError)
 
 
 class SetupError(RuntimeError):
@@ -48,15 +63,39 @@ def repeated_at(error: BaseException) -> str | int | None:
     return next((e.moe_ray_failed_at for _, e in _failures(error) if getattr(e, "moe_ray_repeated", False)), None)
 
 
+def root_cause(err: BaseException) -> str:
+    """What failed, in one line: the innermost error without Ray's wrapping; moe-ray's own words
+    alone (a SetupError, a diverged step), without Ray's traceback; and why it was not retried
+    when it was the same as the attempt before's."""
+    seen = err
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    if (ours := raised_by_a_rank(seen, (SetupError, TrainingDiverged))) is not None:
+        cause = str(ours)
+    else:
+        text = str(seen).strip().splitlines()
+        cause = text[-1] if text else type(seen).__name__
+    if (at := repeated_at(seen)) is not None:
+        where = "in setup" if at == "setup" else f"at step {at}"
+        cause += (
+            f" (raised {where} in two attempts in a row, so not restarted again: a restart replays the same "
+            "steps from the same checkpoint)"
+        )
+    return cause
+
+
 def _failures(error: BaseException) -> list[tuple[int, BaseException]]:
     return sorted((getattr(error, "worker_failures", None) or {}).items())
 
 
 def _signature(e: BaseException) -> tuple | None:
     """(type, message with its numbers masked, where) of a rank's exception; None when moe-ray
-    did not record where it was raised: a worker that died or a node that was lost, which a
-    restart may well mend."""
-    if (at := getattr(e, "moe_ray_failed_at", None)) is None:
+    did not record where it was raised (a worker that died, a node that was lost) or it is an
+    outage's: a restart may well mend those."""
+    if (at := getattr(e, "moe_ray_failed_at", None)) is None or isinstance(e, OUTAGES):
         return None
     return type(e).__qualname__, re.sub(r"0x[0-9a-fA-F]+|\d+", "#", str(e)), at
 
@@ -76,11 +115,12 @@ if FailurePolicy is not None:
 
     class UnmendableFailuresStop(FailurePolicy):
         """Ray Train's own policy, except that a SetupError, or an error of the attempt before
-        raised again at the same point, raises at once."""
+        raised again at the same point, raises at once. Each failure it retries is recorded with
+        the run's coordinator, for the driver's line about the restart."""
 
-        def __init__(self, inner: FailurePolicy):
+        def __init__(self, inner: FailurePolicy, run_name: str | None = None):
             super().__init__(inner.failure_config)
-            self.inner = inner
+            self.inner, self.run_name = inner, run_name
             self.before: set[tuple] = set()
 
         def make_decision(self, training_failed_error):
@@ -92,7 +132,16 @@ if FailurePolicy is not None:
                 for _, e in _failures(training_failed_error):
                     e.moe_ray_repeated = _signature(e) in again
                 return FailureDecision.RAISE
-            return self.inner.make_decision(training_failed_error)
+            decision = self.inner.make_decision(training_failed_error)
+            if decision == FailureDecision.RETRY and self.run_name:
+                _record_failure(self.run_name, root_cause(training_failed_error))
+            return decision
+
+    def _record_failure(run_name: str, cause: str) -> None:
+        try:  # sent, not awaited: a coordinator that is gone costs the line, not the restart
+            get_coordinator(run_name).record.remote({"event": "failure", "error": cause, "time": time.time()})
+        except Exception:
+            pass
 
 
 def stop_on_unmendable_failures(trainer_cls: type) -> type:
@@ -103,7 +152,7 @@ def stop_on_unmendable_failures(trainer_cls: type) -> type:
     class Trainer(trainer_cls):
         def _initialize_and_run_controller(self, **kwargs):
             if "failure_policy" in kwargs:
-                kwargs["failure_policy"] = UnmendableFailuresStop(kwargs["failure_policy"])
+                kwargs["failure_policy"] = UnmendableFailuresStop(kwargs["failure_policy"], self.run_config.name)
             return super()._initialize_and_run_controller(**kwargs)
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__

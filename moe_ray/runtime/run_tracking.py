@@ -94,7 +94,8 @@ class RunTracking:
                         "workers": ev["world_size"] or 0,
                     },
                 )
-                self.tracker.set_tags({"moe_ray.last_restart": f"{ev['cause']} at step {ev['step']}"})
+                error = f": {ev['error'][:1000]}" if ev.get("error") else ""
+                self.tracker.set_tags({"moe_ray.last_restart": f"{ev['cause']} at step {ev['step']}{error}"})
             elif ev.get("event") == "coordinator_restart":
                 self.tracker.set_tags({"moe_ray.coordinator_restart": f"at step {ev['step']}"})
             if ev.get("event") == "eval":
