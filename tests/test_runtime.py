@@ -325,6 +325,36 @@ def test_failure_policy_stops_on_a_setup_error_and_on_the_same_error_at_the_same
     assert [policy.make_decision(outage()) for _ in range(3)] == [RETRY] * 3
 
 
+def test_only_the_tracebacks_of_worded_errors_are_dropped_from_the_workers_logs():
+    """Ray Train logs every training function's error with its traceback; a cluster forwards the
+    lines to the driver (test_submit shows the worded ones gone there)."""
+    import logging
+    import traceback
+
+    from moe_ray.runtime.failures import WordedErrorTracebacks
+    from moe_ray.train.step import TrainingDiverged, check_finite
+
+    def logged(error_raiser) -> bool:
+        try:
+            error_raiser()
+        except Exception:
+            text = f"Error in training function:\n{traceback.format_exc()}\n"
+        record = logging.LogRecord("ray.train.v2._internal.util", logging.ERROR, __file__, 1, text, None, None)
+        return WordedErrorTracebacks().filter(record)
+
+    def diverged():
+        check_finite(3, float("nan"), 1.0, tiny_job("/tmp/unused").train)
+
+    def bug():
+        raise KeyError("a bug: keeps its traceback")
+
+    with pytest.raises(TrainingDiverged):
+        diverged()
+    assert not logged(diverged) and logged(bug)
+    other = logging.LogRecord("x", logging.ERROR, __file__, 1, "another line", None, None)
+    assert WordedErrorTracebacks().filter(other)
+
+
 def test_local_storage_that_the_nodes_do_not_share_is_refused_by_every_rank(tmp_path):
     """Ray Train's own check passes there (each node writes its marker and finds it), and each
     node would keep its own part of every checkpoint."""

@@ -234,6 +234,8 @@ def test_a_cluster_without_s3_access_is_named_not_just_pyarrows_access_denied(he
     ), out.stderr[-3000:]
     assert "testing" not in out.stdout + out.stderr  # the test credentials, never printed
     assert "restarted" not in out.stderr, out.stderr[-3000:]
+    # Nor the workers' tracebacks of it, one per rank (Ray Train logs each, and a cluster forwards them).
+    assert "Traceback" not in out.stderr and "Error in training function" not in out.stderr, out.stderr[-3000:]
 
 
 def test_a_submission_id_the_cluster_does_not_know_is_one_line_not_a_traceback(ray_head):

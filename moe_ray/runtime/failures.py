@@ -11,6 +11,7 @@ again and, with -1, restart for ever:
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -30,6 +31,25 @@ OUTAGES = (OSError, StorageError, RayError, DistError)
 
 class SetupError(RuntimeError):
     """Raised by every worker of a group for a problem that another attempt would meet again."""
+
+
+# Errors whose message is all a user needs: the driver prints it alone (the restart line, the
+# run's error), and the workers do not log their tracebacks (one per rank and attempt).
+WORDED = (SetupError, TrainingDiverged)
+
+
+class WordedErrorTracebacks(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback of a WORDED error (it logs every
+    training function's error on its worker, which a cluster forwards to the driver)."""
+
+    ENDINGS = tuple(f"{kind.__module__}.{kind.__qualname__}: " for kind in WORDED)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Error in training function"):
+            return True
+        lines = [line for line in text.splitlines() if line.strip()]
+        return not (lines and lines[-1].startswith(self.ENDINGS))
 
 
 def raised_by_a_rank(error: BaseException, kinds: type | tuple[type, ...]) -> BaseException | None:
@@ -73,7 +93,7 @@ def root_cause(err: BaseException) -> str:
         if nxt is None or nxt is seen:
             break
         seen = nxt
-    if (ours := raised_by_a_rank(seen, (SetupError, TrainingDiverged))) is not None:
+    if (ours := raised_by_a_rank(seen, WORDED)) is not None:
         cause = str(ours)
     else:
         text = str(seen).strip().splitlines()

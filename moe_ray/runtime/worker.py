@@ -32,7 +32,7 @@ from moe_ray.parallel.parallelize import parallelize, shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
-from moe_ray.runtime.failures import FailurePoint, SetupError
+from moe_ray.runtime.failures import FailurePoint, SetupError, WordedErrorTracebacks
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
@@ -247,12 +247,16 @@ def distributed_eval(ctx: WorkerContext, model, windows: list[torch.Tensor]) -> 
 
 def quiet_ray_train_reports() -> None:
     """Ray Train logs each report's whole metrics dict at INFO under a logger named by its file's
-    path, which RunConfig's LoggingConfig (it filters `ray.train.*`) does not reach."""
+    path, which RunConfig's LoggingConfig (it filters `ray.train.*`) does not reach; and the
+    traceback of every error of the training function, which for moe-ray's worded errors only
+    buries their message (the driver prints it)."""
     try:
+        from ray.train.v2._internal import util
         from ray.train.v2._internal.execution import context
-    except ImportError:  # a private module: when it moves, its lines show
+    except ImportError:  # private modules: when they move, their lines show
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(util.__name__).addFilter(WordedErrorTracebacks())
 
 
 def train_loop_per_worker(config: dict) -> None:
