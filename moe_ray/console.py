@@ -94,10 +94,9 @@ class ProgressReporter:
             text = f"checkpoint @ step {ev['step']}"
         elif kind == "restart":
             text = (
-                f"restarted ({ev['cause']}{': ' + ev['error'] if ev.get('error') else ''}) at step {ev['step']} "
-                f"with {ev['world_size']} workers: "
+                f"restarted ({ev['cause']}) at step {ev['step']} with {ev['world_size']} workers: "
                 f"{ev['steps_lost']} step(s) lost, {ev['recovery_s']:.1f} s from the last step to the new group"
-            )
+            ) + (f"\n  what failed: {ev['error']}" if ev.get("error") else "")
         elif kind == "scale_requested":
             text = f"scale requested: {ev['workers']} workers from the next step boundary"
         elif kind == "rebalance_requested":

@@ -144,7 +144,7 @@ def test_rebalance_places_experts_by_load_and_changes_nothing_else(job, uninterr
     assert all(m["rank_imbalance"] >= 1.0 for m in result.progress.metrics)
 
 
-def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local_ray, tmp_path):
+def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local_ray, tmp_path, capsys):
     """A learning rate of 1e4 puts NaN into the weights within a few steps. The run used to go on
     with a loss of nan for ever, checkpointing NaN weights; now every rank raises at the first
     non-finite loss or gradient norm, before that step's checkpoint, and since a restart replays
@@ -164,9 +164,16 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
         checkpoint__every=2,
         resources__max_failures=-1,
     )
-    seen = {}
+    from moe_ray.console import ProgressReporter
+
+    seen, show = {}, ProgressReporter(job.train.steps, 1, interactive=False)  # what `moe-ray run` prints
+
+    def follow(progress):
+        seen["progress"] = progress
+        show(progress)
+
     with pytest.raises(RunError) as err:
-        run_job(job, run_name="diverged", on_progress=lambda progress: seen.update(progress=progress))
+        run_job(job, run_name="diverged", on_progress=follow)
     said = str(err.value)
     at = int(re.search(r"^run diverged failed: training diverged at step (\d+): loss ", said)[1])
     assert "Lower train.lr (10000)" in said and "Traceback" not in said and "moe_ray." not in said, said
@@ -178,6 +185,11 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     [restart] = [e for e in progress.events if e.get("event") == "restart"]
     # The line about the restart says why (it said only "worker failure").
     assert restart["cause"] == "worker failure" and restart["error"].startswith(f"training diverged at step {at}: ")
+    shown = capsys.readouterr().err
+    assert re.search(
+        rf"restarted \(worker failure\) at step \d+ with 2 workers: .*\n  what failed: training diverged at step {at}: ",
+        shown,
+    ), shown
     assert [m["step"] for m in progress.metrics] == list(range(at - 1))  # the diverged step: not reported
     assert all(math.isfinite(m["loss"]) for m in progress.metrics)
     written = [c.step for c in list_checkpoints(run_location(job.checkpoint.storage, "diverged"))]
