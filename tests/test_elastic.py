@@ -187,7 +187,8 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     assert restart["cause"] == "worker failure" and restart["error"].startswith(f"training diverged at step {at}: ")
     shown = capsys.readouterr().err
     assert re.search(
-        rf"restarted \(worker failure\) at step \d+ with 2 workers: .*\n  what failed: training diverged at step {at}: ",
+        rf"restarted \(worker failure\) at step \d+ with 2 workers: .*\n"
+        rf"  what failed: training diverged at step {at}: ",
         shown,
     ), shown
     assert [m["step"] for m in progress.metrics] == list(range(at - 1))  # the diverged step: not reported
