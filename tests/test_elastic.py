@@ -195,6 +195,12 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     assert all(math.isfinite(m["loss"]) for m in progress.metrics)
     written = [c.step for c in list_checkpoints(run_location(job.checkpoint.storage, "diverged"))]
     assert written and max(written) < at  # none of the NaN weights
+    # MLflow says why the run FAILED, not only that it did.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(job.tracking.uri)
+    [run] = client.search_runs([client.get_experiment_by_name(job.tracking.experiment).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["moe_ray.error"] == said.removeprefix("run diverged failed: ")
 
 
 def test_scale_refuses_impossible_worker_counts(local_ray):
