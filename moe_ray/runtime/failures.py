@@ -75,7 +75,10 @@ class FailurePoint:
 
     def __exit__(self, kind, error, traceback) -> None:
         if isinstance(error, Exception):
-            error.moe_ray_failed_at = self.at
+            try:
+                error.moe_ray_failed_at = self.at
+            except Exception:  # one that takes no attributes: unmarked, so retried as a death is
+                pass
 
 
 def repeated_at(error: BaseException) -> str | int | None:
