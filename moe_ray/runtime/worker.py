@@ -256,7 +256,9 @@ def quiet_ray_train_reports() -> None:
     except ImportError:  # private modules: when they move, their lines show
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger(util.__name__).addFilter(WordedErrorTracebacks())
+    errors = logging.getLogger(util.__name__)
+    if not any(isinstance(f, WordedErrorTracebacks) for f in errors.filters):
+        errors.addFilter(WordedErrorTracebacks())
 
 
 def train_loop_per_worker(config: dict) -> None:
