@@ -550,10 +550,19 @@ def submit(
 @app.command()
 def status(submission_id: str, address: AddressOpt = "http://127.0.0.1:8265") -> None:
     """The state of a submitted job."""
+    from moe_ray.submit import job_outcome
+
     _, info = _submitted_job(address, submission_id)
     meta = info.metadata or {}
-    typer.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    # Ray's message about a failed job holds the tail of its log: its first line and moe-ray's
+    # error line are shown (the whole message printed up to 20,000 characters of log).
+    said, error = job_outcome(info.message)
+    typer.echo(f"{submission_id}: {info.status.value}" + (f" ({said})" if said else ""))
+    if error:
+        typer.echo(f"  {error}")
     typer.echo(f"  run {meta.get('moe_ray.run', '?')}, MLflow run {meta.get('mlflow_run_id') or '-'}")
+    if info.message and said != info.message:
+        typer.echo(f"  its log: moe-ray logs {submission_id} --address {address}")
 
 
 @app.command()

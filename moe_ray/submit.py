@@ -207,3 +207,13 @@ def moe_jobs(address: str) -> list:
     """The cluster's moe-ray jobs (those submitted by `moe-ray submit`), oldest first."""
     jobs = [j for j in client(address).list_jobs() if (j.metadata or {}).get("moe_ray.run")]
     return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def job_outcome(message: str | None) -> tuple[str | None, str | None]:
+    """Ray's message about a job in one line, and moe-ray's own `error: ...` line, when the
+    message carries the tail of a failed job's log (up to 20,000 characters of it)."""
+    if not message:
+        return None, None
+    head, logs_follow, tail = message.partition(", last available logs")
+    errors = [line for line in tail.splitlines() if line.startswith("error: ")] if logs_follow else []
+    return head.splitlines()[0] if head.strip() else None, (errors[-1] if errors else None)

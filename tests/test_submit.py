@@ -288,7 +288,11 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     assert f"already holds that run's checkpoints: continue it with --resume --run {small_run}" in " ".join(
         refused.split()
     ), refused[-3000:]
-    assert "FAILED" in cli("status", again_id, "--address", ray_head).stdout
+    # Its status: Ray's one line and moe-ray's error, not Ray's whole message (the log's tail).
+    status = cli("status", again_id, "--address", ray_head).stdout.splitlines()
+    assert status[0] == f"{again_id}: FAILED (Job entrypoint command failed with exit code 1)", status
+    assert status[1].startswith("  error: ") and "already holds that run's checkpoints" in status[1], status
+    assert status[3] == f"  its log: moe-ray logs {again_id} --address {ray_head}" and len(status) == 4, status
     resumed = cli(
         "submit", job_file, "--resume", "--run", small_run, "--set", "train.steps=4", "--address", ray_head
     ).stdout
