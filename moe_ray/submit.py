@@ -8,6 +8,7 @@ Ray client sends it; it is never printed or logged.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import tempfile
@@ -36,6 +37,9 @@ def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     enable_token_auth()
+    # Ray logs each package a submission uploads at INFO, with its temporary folder's name.
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return JobSubmissionClient(address)
     except Exception as err:

@@ -263,8 +263,10 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
 
     jobs = jobs_client(ray_head)  # polls only; every answer asserted comes from the CLI
     # A job that finishes.
-    out = cli("submit", str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri)), "--address", ray_head).stdout
+    submitted = cli("submit", str(write_job(tmp_path, "small", 3, mlflow_stack.mlflow_uri)), "--address", ray_head)
+    out = submitted.stdout
     sub_id = re.search(r"submitted (\S+)", out)[1]
+    assert " INFO " not in submitted.stderr, submitted.stderr  # Ray's lines about each package it uploads
     assert re.search(r"MLflow run: http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/\w+", out)
     followed = cli("logs", sub_id, "--follow", "--address", ray_head, timeout=400)
     assert "done: run small-" in followed.stdout and ", 3 steps" in followed.stdout, followed.stdout[-3000:]
