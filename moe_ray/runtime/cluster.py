@@ -205,3 +205,32 @@ def join(address: str, ship_code: bool = False, env_vars: dict[str, str] | None 
         env = {"py_modules": [package_folder()]} if ship_code else {}
         init_kwargs["runtime_env"] = env | ({"env_vars": env_vars} if env_vars else {})
     ray.init(address=address, **init_kwargs)
+
+
+# Lines that Ray's own processes send to the driver and that tell a moe-ray user nothing to act on:
+# Ray Train's PreemptionWatcher actor is warned about at ERROR on every run (ray-project/ray#53727).
+RAY_NOISE = ("Actor with class name: 'PreemptionWatcher'",)
+
+
+def hide_ray_noise() -> None:
+    """Drop RAY_NOISE lines from the worker output Ray forwards to this driver (a private hook:
+    where it moves, the lines show)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover
+        return
+
+    def without_noise(handler):
+        def handle(data):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                handler({**data, "lines": lines})
+
+        handle.moe_ray_filtered = True
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, handler if getattr(handler, "moe_ray_filtered", False) else without_noise(handler))
+            for name, handler in dispatcher.handlers
+        ]

@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
-from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, join
+from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, hide_ray_noise, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
 from moe_ray.runtime.failures import root_cause, stop_on_unmendable_failures
@@ -158,6 +158,8 @@ def connect(address: str | None, job: JobSpec) -> bool:
     if address:
         try:
             join(address, ship_code=True, env_vars=_QUIET_ENV, logging_level=logging.WARNING, log_to_driver=True)
+            if not _worker_logs():
+                hide_ray_noise()
         except ClusterAddressError as err:
             raise RunError(str(err)) from None
         return False
