@@ -48,6 +48,8 @@ class ProgressReporter:
 
     def __call__(self, p: RunProgress) -> None:
         for ev in p.events[self.events_seen :]:
+            if not self.interactive and "step" in ev:  # the lines of the steps before it come first
+                self._step_lines(p, before=ev["step"])
             self._event(ev)
         self.events_seen = len(p.events)
         m = p.last
@@ -71,15 +73,20 @@ class ProgressReporter:
                 self.bar.console.print(f"step {m['step'] + 1}{_breakdown(m)}", highlight=False)
                 self.logged_step = m["step"]
         else:
-            for entry in p.metrics:
-                step = entry["step"]
-                if step > self.logged_step and (
-                    (step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.total
-                ):
-                    console.print(
-                        f"step {step + 1}/{self.total} {_fmt(entry, p.max_vio)}{_breakdown(entry)}", highlight=False
-                    )
-                    self.logged_step = step
+            self._step_lines(p)
+
+    def _step_lines(self, p: RunProgress, before: int | None = None) -> None:
+        """A line for each step due (every log_every, the first and the last) not shown yet, of
+        the steps before `before` (an event's step count) when given."""
+        for entry in p.metrics:
+            step = entry["step"]
+            if before is not None and step >= before:
+                break
+            if step > self.logged_step and ((step + 1) % self.log_every == 0 or step == 0 or step + 1 == self.total):
+                console.print(
+                    f"step {step + 1}/{self.total} {_fmt(entry, p.max_vio)}{_breakdown(entry)}", highlight=False
+                )
+                self.logged_step = step
 
     def _event(self, ev: dict) -> None:
         kind = ev.get("event")

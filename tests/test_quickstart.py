@@ -46,9 +46,33 @@ def test_quickstart_job_end_to_end(tmp_path):
     assert val_loss < 2.5  # ln(256) = 5.55 for a model that learned nothing
     evals = [float(v) for v in re.findall(r"eval @ step \d+: val loss ([\d.]+)", out)]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    assert step_order(proc.stderr) == sorted(step_order(proc.stderr))
     ckpt_line = re.search(r"checkpoint: (\S+)", out)[1]
     assert Path(ckpt_line, "index.json").is_file()
     assert "step-00000100" in ckpt_line
+
+
+def step_order(shown: str) -> list[tuple[int, int]]:
+    """(steps done, 0 for a step line or 1 for an event) of each progress line, as shown."""
+    lines = re.finditer(r"^(?:step (\d+)/\d+ |(?:eval|checkpoint) @ step (\d+))", shown, re.M)
+    return [(int(m[1] or m[2]), 0 if m[1] else 1) for m in lines]
+
+
+def test_progress_lines_come_in_step_order(capsys):
+    """The driver reads a step's metrics and its events (evaluation, checkpoint) in one poll: the
+    events were printed first ("eval @ step 100" above "step 100/300 ...")."""
+    from moe_ray.console import ProgressReporter
+    from moe_ray.runtime.driver import Progress
+
+    metric = {"loss": 2.0, "lm_loss": 1.5, "lr": 1e-3, "tokens_per_s": 1000.0}
+    progress = Progress(run_name="r", total_steps=300, metrics=[{"step": i, **metric} for i in range(100)])
+    progress.events = [
+        {"event": "eval", "step": 100, "val_loss": 1.9, "max_vio_global_mean": 0.4},
+        {"event": "checkpoint", "step": 100},
+    ]
+    ProgressReporter(300, 25, interactive=False)(progress)
+    shown = step_order(capsys.readouterr().err)
+    assert shown == [(1, 0), (25, 0), (50, 0), (75, 0), (100, 0), (100, 1), (100, 1)], shown
 
 
 def test_invalid_job_is_refused_with_every_problem(tmp_path):
