@@ -153,6 +153,9 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     import math
     import re
 
+    from mlflow.tracking import MlflowClient
+
+    from moe_ray.console import ProgressReporter
     from moe_ray.runtime.driver import RunError
     from moe_ray.storage.catalog import list_checkpoints, run_location
 
@@ -164,8 +167,6 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
         checkpoint__every=2,
         resources__max_failures=-1,
     )
-    from moe_ray.console import ProgressReporter
-
     seen, show = {}, ProgressReporter(job.train.steps, 1, interactive=False)  # what `moe-ray run` prints
 
     def follow(progress):
@@ -196,8 +197,6 @@ def test_a_diverged_run_is_retried_once_then_stopped_saying_what_to_change(local
     written = [c.step for c in list_checkpoints(run_location(job.checkpoint.storage, "diverged"))]
     assert written and max(written) < at  # none of the NaN weights
     # MLflow says why the run FAILED, not only that it did.
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(job.tracking.uri)
     [run] = client.search_runs([client.get_experiment_by_name(job.tracking.experiment).experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["moe_ray.error"] == said.removeprefix("run diverged failed: ")
