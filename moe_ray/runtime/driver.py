@@ -393,9 +393,7 @@ def _run(
                         "cluster's nodes need S3 access of their own, an instance role or AWS_* variables in their "
                         "environment (exported before `ray start`); moe-ray does not send this machine's credentials)"
                     )
-                # Why, beside the FAILED status (it was only in the driver's log).
-                tracking.tracker.set_tags({"moe_ray.error": redact(cause)[:5000]})
-                tracking.finish(None, coordinator, status="FAILED")
+                tracking.finish(None, coordinator, status="FAILED", error=cause)
                 raise RunError(f"run {run_name} failed: {cause}") from outcome["error"]
             done = progress.last["step"] + 1 if progress.last else 0
             desired = ray.get(coordinator.desired_workers.remote())

@@ -133,7 +133,11 @@ class RunTracking:
         except Exception as err:  # the model upload never fails a finished run
             self.tracker.set_tags({"moe_ray.model_upload_error": str(err)[:200]})
 
-    def finish(self, result, coordinator, status: str = "FINISHED") -> None:
+    def finish(self, result, coordinator, status: str = "FINISHED", error: str | None = None) -> None:
+        """Close the run with `status`: with the summary of a finished `result`, or with the
+        one-line `error` of a FAILED run as its tag `moe_ray.error` (else only in the driver's log)."""
+        if error is not None:
+            self.tracker.set_tags({"moe_ray.error": redact(error)[:5000]})
         if result is not None:
             self.heatmap(coordinator)
             summary = {
