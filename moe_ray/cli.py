@@ -185,9 +185,13 @@ def scale(
     ] = None,
 ) -> None:
     """Change a running run's worker count: it finishes its step, checkpoints, and continues."""
-    from moe_ray.runtime.driver import request_scale
 
-    out = _control_run(run, address, "scale", ["--workers", str(workers)], lambda: request_scale(run, workers))
+    def ask():
+        from moe_ray.runtime.driver import request_scale
+
+        return request_scale(run, workers)
+
+    out = _control_run(run, address, "scale", ["--workers", str(workers)], ask)
     if out is None:
         return
     if out.get("unchanged"):
@@ -204,20 +208,22 @@ def rebalance(
     ] = None,
 ) -> None:
     """Place a running run's experts by recent load, for even tokens per worker; it checkpoints and continues."""
-    from moe_ray.runtime.driver import request_rebalance
 
-    out = _control_run(run, address, "rebalance", [], lambda: request_rebalance(run))
+    def ask():
+        from moe_ray.runtime.driver import request_rebalance
+
+        return request_rebalance(run)
+
+    out = _control_run(run, address, "rebalance", [], ask)
     if out is not None:
         typer.echo(f"{run}: experts placed by load on its {out['world_size']} workers at the next step boundary")
 
 
 def _control_run(run: str, address: str | None, command: str, args: list[str], ask):
     """Send `command` to a run's coordinator: through a small job in the cluster for a submitted
-    job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply)."""
-
-    from moe_ray.runtime.cluster import join
-    from moe_ray.runtime.driver import RunError
-
+    job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply).
+    Nothing here loads torch before it is known to be needed: a submitted job's request is sent in
+    about a second."""
     _run_name(run, "RUN")
     if run.startswith("moe-ray-") and address and address.startswith("http"):
         # A submitted job: its coordinator lives in the cluster; ask from a small job there.
@@ -227,7 +233,8 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
             sub = control_submitted(address, run, command, *args)
         typer.echo(f"{command} request for {run} sent ({sub})")
         return None
-    from moe_ray.runtime.driver import RunNotFound, run_marker
+    from moe_ray.runtime.cluster import join
+    from moe_ray.runtime.driver import RunError, RunNotFound, run_marker
 
     marker = run_marker(run)
     if address is None and not marker.is_file():

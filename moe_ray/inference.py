@@ -16,6 +16,7 @@ from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec, JobSpecError, parse_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import resolve_checkpoint
+from moe_ray.storage.checkpoint_index import read_state
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.trainer import build_model, default_device
 
@@ -35,7 +36,7 @@ def load_model(uri: str, device: torch.device | None = None) -> LoadedModel:
     device = device or default_device()
     uri = resolve_checkpoint(uri)
     with ckpt.local_checkpoint(uri) as folder:
-        state = ckpt.read_state(folder)
+        state = read_state(folder)
         try:
             job = parse_job(state.get("job"), f"{uri} ({ckpt.STATE})")
         except JobSpecError as err:

@@ -136,6 +136,7 @@ def write_checkpoint(folder, job, model=None):
     """A real checkpoint of one process's model, as the workers write it: `model` as it is, or a
     fresh one of `job` after one training step."""
     from moe_ray.storage import checkpoint as ckpt
+    from moe_ray.storage.checkpoint_index import write_index
     from moe_ray.train.optim import build_optimizer
     from moe_ray.train.trainer import build_model
 
@@ -150,5 +151,5 @@ def write_checkpoint(folder, job, model=None):
     files = [ckpt.write_experts(folder, model, ckpt.expert_tensors(model, opt))]
     state = {"step": 1, "job": job.model_dump(mode="json")}
     files += ckpt.write_dense(folder, ckpt.dense_tensors(model, opt), state)
-    ckpt.write_index(folder, [ckpt.file_entry(f) for f in files], 1)
+    write_index(folder, [ckpt.file_entry(f) for f in files], 1)
     return folder

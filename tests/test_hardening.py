@@ -4,6 +4,8 @@ would reach a shell, checkpoints whose state.json was altered, paths a checkpoin
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,31 @@ def test_help_shows_flags_as_flags():
     for flag in ("--resume", "--help"):
         line = next(line for line in out.output.splitlines() if flag in line)
         assert "bool" not in line.lower(), line
+
+
+def test_the_commands_that_only_ask_the_cluster_load_no_torch():
+    # `moe-ray status/logs/stop/list/scale/rebalance` of a submitted job answer in about a second:
+    # importing torch (through the checkpoint format, or the driver) made each take ~3 s more.
+    from conftest import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    commands = [
+        ["status", "moe-ray-r-1"],
+        ["list"],
+        ["scale", "moe-ray-r-1", "--workers", "2"],
+        ["rebalance", "moe-ray-r-1"],
+    ]
+    code = (
+        "import sys\n"
+        "from moe_ray.cli import app\n"
+        f"for args in {commands!r}:\n"
+        "    try:\n"
+        f"        app(args + ['--address', {nowhere!r}])\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 1, (args, stop.code)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'pandas'))\n"
+        "sys.exit(f'imported: {heavy[:20]}' if heavy else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count(f"cannot reach the Ray Jobs API at {nowhere}") == len(commands), out.stderr

@@ -231,6 +231,7 @@ def _checkpoint_worker(rank, world, out_dir, ep_size, phase, folder, order=None)
     """Phase "save": one AdamW step, then the checkpoint as the Ray workers write it. Phase "load":
     another seed, then the checkpoint. Both record every whole tensor they hold afterwards."""
     from moe_ray.storage import checkpoint as ckpt
+    from moe_ray.storage.checkpoint_index import write_index
     from moe_ray.train.optim import build_optimizer
 
     placement = ExpertPlacement(8, ep_size, tuple([0] * world), order)
@@ -252,7 +253,7 @@ def _checkpoint_worker(rank, world, out_dir, ep_size, phase, folder, order=None)
         dist.barrier()
         if rank == 0:
             entries = [ckpt.file_entry(p) for p in sorted(folder.iterdir())]
-            ckpt.write_index(folder, entries, 1)
+            write_index(folder, entries, 1)
     else:
         ckpt.load(folder, model, optimizer)
     # What this layout holds, whole: the same on every layout if the checkpoint is layout-free.

@@ -37,6 +37,7 @@ from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import checkpoint_dir_name, list_checkpoints, run_location
+from moe_ray.storage.checkpoint_index import write_index
 from moe_ray.storage.location import Location
 from moe_ray.storage.s3 import StorageError
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset
@@ -232,7 +233,7 @@ def save_checkpoint(ctx: WorkerContext, model, optimizer, next_step: int, metric
             files += ckpt.write_dense(folder, dense, state)
         entries = [e for rank_entries in all_gather([ckpt.file_entry(f) for f in files]) for e in rank_entries]
         if ctx.rank == 0:
-            ckpt.write_index(folder, entries, next_step)
+            write_index(folder, entries, next_step)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(next_step))
 

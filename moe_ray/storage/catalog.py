@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 
 from moe_ray.storage import s3
-from moe_ray.storage.checkpoint import INDEX, CheckpointError
+from moe_ray.storage.checkpoint_index import INDEX, CheckpointError
 from moe_ray.storage.location import Location
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
