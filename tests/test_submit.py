@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from conftest import free_port, tiny_job
+from conftest import free_port, tiny_job, with_preemption_watcher
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -42,7 +42,7 @@ def head():
     if ray.is_initialized():
         ray.shutdown()
     dash, gcs_port = free_port(), free_port()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = with_preemption_watcher(dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
     env.pop("RAY_AUTH_MODE", None)  # token authentication: Ray's default
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live below it
     # --block keeps `ray start` in the foreground; an interrupt to it stops this head's processes
