@@ -185,13 +185,7 @@ def scale(
     ] = None,
 ) -> None:
     """Change a running run's worker count: it finishes its step, checkpoints, and continues."""
-
-    def ask():
-        from moe_ray.runtime.driver import request_scale
-
-        return request_scale(run, workers)
-
-    out = _control_run(run, address, "scale", ["--workers", str(workers)], ask)
+    out = _control_run(run, address, "scale", ["--workers", str(workers)], lambda d: d.request_scale(run, workers))
     if out is None:
         return
     if out.get("unchanged"):
@@ -208,22 +202,16 @@ def rebalance(
     ] = None,
 ) -> None:
     """Place a running run's experts by recent load, for even tokens per worker; it checkpoints and continues."""
-
-    def ask():
-        from moe_ray.runtime.driver import request_rebalance
-
-        return request_rebalance(run)
-
-    out = _control_run(run, address, "rebalance", [], ask)
+    out = _control_run(run, address, "rebalance", [], lambda d: d.request_rebalance(run))
     if out is not None:
         typer.echo(f"{run}: experts placed by load on its {out['world_size']} workers at the next step boundary")
 
 
 def _control_run(run: str, address: str | None, command: str, args: list[str], ask):
     """Send `command` to a run's coordinator: through a small job in the cluster for a submitted
-    job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply).
-    Nothing here loads torch before it is known to be needed: a submitted job's request is sent in
-    about a second."""
+    job (returns None), else directly over this machine's (or `address`'s) Ray (returns the reply
+    of `ask(driver module)`). The driver (and torch) is imported only for that second case: a
+    submitted job's request is sent in seconds."""
     _run_name(run, "RUN")
     if run.startswith("moe-ray-") and address and address.startswith("http"):
         # A submitted job: its coordinator lives in the cluster; ask from a small job there.
@@ -233,6 +221,7 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
             sub = control_submitted(address, run, command, *args)
         typer.echo(f"{command} request for {run} sent ({sub})")
         return None
+    from moe_ray.runtime import driver
     from moe_ray.runtime.cluster import join
     from moe_ray.runtime.driver import RunError, RunNotFound, run_marker
 
@@ -244,7 +233,7 @@ def _control_run(run: str, address: str | None, command: str, args: list[str], a
         join(address or marker.read_text().strip(), logging_level="ERROR", log_to_driver=False)
     with exit_on(RunError, ValueError):
         try:
-            return ask()
+            return ask(driver)
         except RunNotFound:
             if address is not None or not marker.is_file():
                 raise
