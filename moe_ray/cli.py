@@ -65,8 +65,8 @@ def validate(job_file: str, set_: SetOpt = None) -> None:
     for line in job_size(job).lines() + ([warning] if warning else []):
         typer.echo(f"# {line}")
     if job.model.init_from:
+        from moe_ray.hf import LayoutError
         from moe_ray.hf.init_from import check_init_from
-        from moe_ray.hf.layout import LayoutError
         from moe_ray.storage.s3 import StorageError
 
         with exit_on(LayoutError, StorageError, code=2):
@@ -90,7 +90,7 @@ def run(
     """Train a job: coordinator + expert workers on Ray, with checkpoints."""
     from moe_ray.console import ProgressReporter, console
     from moe_ray.data import DataError
-    from moe_ray.hf.layout import LayoutError
+    from moe_ray.hf import LayoutError
     from moe_ray.runtime.driver import RunError, RunInterrupted, run_job
     from moe_ray.storage.s3 import StorageError
 
@@ -449,9 +449,9 @@ def export(
     max_shard_mb: Annotated[int, typer.Option(min=1, help="Largest safetensors shard, in MiB.")] = 5000,
 ) -> None:
     """Write a checkpoint as a Hugging Face glm4_moe model (transformers, vLLM), locally or to S3."""
+    from moe_ray.hf import LayoutError
     from moe_ray.hf.export import export_checkpoint
     from moe_ray.hf.folder import DTYPES
-    from moe_ray.hf.layout import LayoutError
     from moe_ray.storage.checkpoint import CheckpointError
     from moe_ray.storage.s3 import StorageError
 

@@ -6,12 +6,15 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_ray.runtime.driver import Progress as RunProgress
 from moe_ray.runtime.prepare import at_most_every, progress_line
+
+if TYPE_CHECKING:  # the driver loads Ray Train and torch: not for `moe-ray prepare`
+    from moe_ray.runtime.driver import Progress as RunProgress
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -14,11 +14,14 @@ import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from moe_ray.system import cache_dir
+
+if TYPE_CHECKING:  # loaded where tensors are made: `moe-ray prepare` and its tasks need no torch
+    import torch
 
 BYTE_VOCAB = 256
 BYTE_EOS = 10  # byte-level documents end with a newline
@@ -155,6 +158,8 @@ def read_windows(tokens, starts: np.ndarray, window: int) -> torch.Tensor:
         rows = tokens.windows(starts, window)
     else:
         rows = np.stack([tokens[s : s + window] for s in starts]) if len(starts) else np.zeros((0, window))
+    import torch
+
     return torch.from_numpy(rows.astype(np.int64))
 
 

@@ -229,24 +229,28 @@ def test_help_shows_flags_as_flags():
         assert "bool" not in line.lower(), line
 
 
-def test_the_commands_that_only_ask_the_cluster_load_no_torch():
+def test_the_commands_that_only_ask_the_cluster_load_no_torch(tmp_path):
     # `moe-ray status/logs/stop/list/scale/rebalance` of a submitted job answer in about a second:
     # importing torch (through the checkpoint format, or the driver) made each take ~3 s more.
+    # `moe-ray prepare` needs none either (it made the command, and each of Ray Data's worker
+    # processes that tokenise, ~1.5 s slower).
     from conftest import free_port
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     commands = [
-        ["status", "moe-ray-r-1"],
-        ["list"],
-        ["scale", "moe-ray-r-1", "--workers", "2"],
-        ["rebalance", "moe-ray-r-1"],
+        ["status", "moe-ray-r-1", "--address", nowhere],
+        ["list", "--address", nowhere],
+        ["scale", "moe-ray-r-1", "--workers", "2", "--address", nowhere],
+        ["rebalance", "moe-ray-r-1", "--address", nowhere],
+        ["prepare", str(tmp_path / "text.txt"), str(tmp_path / "out"), "--address", nowhere.removeprefix("http://")],
     ]
+    (tmp_path / "text.txt").write_text("a document\n")
     code = (
         "import sys\n"
         "from moe_ray.cli import app\n"
         f"for args in {commands!r}:\n"
         "    try:\n"
-        f"        app(args + ['--address', {nowhere!r}])\n"
+        "        app(args)\n"
         "    except SystemExit as stop:\n"
         "        assert stop.code == 1, (args, stop.code)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'pandas'))\n"
@@ -254,4 +258,5 @@ def test_the_commands_that_only_ask_the_cluster_load_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stderr.count(f"cannot reach the Ray Jobs API at {nowhere}") == len(commands), out.stderr
+    assert out.stderr.count(f"cannot reach the Ray Jobs API at {nowhere}") == len(commands) - 1, out.stderr
+    assert f"--address {nowhere.removeprefix('http://')}: no Ray cluster answers" in out.stderr, out.stderr

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_job, write_checkpoint
 
 from moe_ray.data import builtin_corpus
+from moe_ray.hf import LayoutError
 from moe_ray.hf.export import export_checkpoint
 from moe_ray.hf.folder import CONFIG, load_into, open_folder
 from moe_ray.hf.init_from import check_init_from, load_init_from
-from moe_ray.hf.layout import LayoutError
 from moe_ray.hf.tokenizer import PROBE
 from moe_ray.inference import generate, load_model
 from moe_ray.train.step import LocalBias

@@ -389,8 +389,8 @@ def test_export_reads_a_2_worker_checkpoint_from_s3(s3_run, tmp_path):
 def test_export_to_s3_uploads_the_local_files_config_last_and_a_failed_upload_leaves_nothing(
     s3_run, s3_proxy, tmp_path
 ):
+    from moe_ray.hf import LayoutError
     from moe_ray.hf.export import export_checkpoint
-    from moe_ray.hf.layout import LayoutError
 
     run = f"s3://{BUCKET}/runs/s3run"  # its newest checkpoint
     dest = Location(f"s3://{BUCKET}/hf/model")

@@ -1,1 +1,7 @@
 """Hugging Face interop: export to and start from the `glm4_moe` model layout (DESIGN 11)."""
+
+
+class LayoutError(Exception):
+    """A model or a Hugging Face folder that the glm4_moe layout cannot carry, or that disagrees
+    with the job; the message names every field concerned. Here, not in `layout`, which loads
+    torch: the tokenizer check raises it in `moe-ray prepare`, which needs no torch."""

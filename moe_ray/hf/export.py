@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from moe_ray.hf import LayoutError
 from moe_ray.hf.folder import upload_folder, write_folder
-from moe_ray.hf.layout import LayoutError, require_exportable
+from moe_ray.hf.layout import require_exportable
 from moe_ray.hf.tokenizer import byte_tokenizer_json, read_tokenizer_json, tokenizer_files
 from moe_ray.inference import load_model, path_named_by
 from moe_ray.storage.location import Location, refuse_occupied

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_ray.hf.layout import LayoutError, Link, extra_tensors, from_hf, hf_config, links, their_names, to_hf
+from moe_ray.hf import LayoutError
+from moe_ray.hf.layout import Link, extra_tensors, from_hf, hf_config, links, their_names, to_hf
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.storage import s3
 from moe_ray.storage.checkpoint import assign

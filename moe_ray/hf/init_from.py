@@ -5,8 +5,9 @@ named); each worker then loads only its own experts' tensors (from S3, only thei
 
 from __future__ import annotations
 
+from moe_ray.hf import LayoutError
 from moe_ray.hf.folder import load_into, needed_tensors, open_folder, weight_map_of
-from moe_ray.hf.layout import LayoutError, import_problems, links
+from moe_ray.hf.layout import import_problems, links
 from moe_ray.hf.tokenizer import TOKENIZER, check_same_encoding, job_tokenizer_json
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec

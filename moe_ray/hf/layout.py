@@ -14,14 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from moe_ray.config import ModelConfig
+from moe_ray.hf import LayoutError
 
 ARCHITECTURE = "Glm4MoeForCausalLM"
 MODEL_TYPE = "glm4_moe"
-
-
-class LayoutError(Exception):
-    """A model or a Hugging Face folder that the glm4_moe layout cannot carry, or that disagrees
-    with the job; the message names every field concerned."""
 
 
 def export_problems(cfg: ModelConfig) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from moe_ray.hf.layout import LayoutError
+from moe_ray.hf import LayoutError
 from moe_ray.storage import s3
 from moe_ray.storage.location import Location
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from moe_ray.data import batch_digest, batch_share, eval_windows, sample_windows, window_length
+from moe_ray.hf import LayoutError
 from moe_ray.hf.init_from import load_init_from
-from moe_ray.hf.layout import LayoutError
 from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
