@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_ray.data import decode_bytes, encode_bytes
+from moe_ray.data import DataError, decode_bytes, encode_bytes
 from moe_ray.model.transformer import MoETransformer
 from moe_ray.spec import JobSpec, JobSpecError, parse_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import resolve_checkpoint
 from moe_ray.storage.checkpoint_index import read_state
+from moe_ray.storage.tokenizer_file import load_tokenizer, tokenizer_vocab
 from moe_ray.train.evaluate import EvalResult, evaluate
 from moe_ray.train.trainer import build_model, default_device
 
@@ -69,9 +70,6 @@ class Tokenizer:
     """Bytes, or the job's tokenizer.json: what the model was trained with."""
 
     def __init__(self, spec: str, model_vocab: int | None = None):
-        from moe_ray.data import DataError
-        from moe_ray.runtime.prepare import load_tokenizer, tokenizer_vocab
-
         self.hf = load_tokenizer(spec)
         vocab = tokenizer_vocab(self.hf)
         if model_vocab is not None and vocab > model_vocab:  # its ids would be out of the model's range

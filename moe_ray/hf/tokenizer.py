@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 
+from moe_ray.data import DataError
 from moe_ray.hf import LayoutError
 from moe_ray.storage import s3
-from moe_ray.storage.location import Location
+from moe_ray.storage.tokenizer_file import tokenizer_bytes
 
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -50,10 +51,9 @@ def byte_tokenizer_json() -> str:
 
 def read_tokenizer_json(spec: str) -> str:
     """The text of a tokenizer.json at a path or s3:// URI."""
-    loc = Location(spec)
     try:
-        return (s3.read_bytes(loc) if loc.is_s3 else loc.local_path.read_bytes()).decode()
-    except (OSError, s3.StorageError) as err:
+        return tokenizer_bytes(spec).decode()
+    except (DataError, OSError, s3.StorageError) as err:
         raise LayoutError(f"cannot read the tokenizer {spec}: {err}") from None
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from moe_ray.data import DataError, window_length
-from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format, tokenizer_bytes
+from moe_ray.runtime.prepare import check_source, prepare, quiet_ray_data, text_format
 from moe_ray.spec import DataConfig, JobSpec, data_with_absolute_paths
 from moe_ray.storage import s3
 from moe_ray.storage.catalog import run_location
 from moe_ray.storage.token_shards import DatasetError, PreparedDataset, open_dataset, read_manifest
+from moe_ray.storage.tokenizer_file import tokenizer_bytes
 
 __all__ = ["DataError", "check_data", "check_prepared", "check_windows", "eval_tokens", "quiet_ray_data", "run_dataset"]
 

@@ -32,6 +32,7 @@ from moe_ray.storage.token_shards import (
     check_new_location,
     token_dtype,
 )
+from moe_ray.storage.tokenizer_file import load_tokenizer, tokenizer_bytes, tokenizer_vocab
 
 PROGRESS_EVERY_S = 0.5
 TOKENIZE_BATCH = 4096  # documents per map_batches call (Ray Data's default was 3.8x slower here)
@@ -64,28 +65,6 @@ def quiet_ray_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def load_tokenizer(spec: str):
-    """None for byte-level tokens, else a `tokenizers.Tokenizer` from a tokenizer.json."""
-    if spec == "bytes":
-        return None
-    from tokenizers import Tokenizer
-
-    data = tokenizer_bytes(spec)
-    try:
-        return Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as err:  # tokenizers raises a plain Exception; a binary file, UnicodeDecodeError
-        raise DataError(f"data.tokenizer {spec!r} is not a tokenizer.json that tokenizers can read: {err}") from None
-
-
-def tokenizer_bytes(spec: str) -> bytes:
-    """The tokenizer.json file named by `spec` (a path or s3:// URI)."""
-    if spec.startswith("s3://"):
-        return s3.read_bytes(Location(spec))
-    if not Path(spec).is_file():
-        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
-    return Path(spec).read_bytes()
-
-
 def text_rate(text_bytes: int, seconds: float) -> str:
     """MB/s of text, with a figure that is not 0.0 for a small corpus."""
     rate = text_bytes / 1e6 / max(seconds, 1e-9)
@@ -110,11 +89,6 @@ def at_most_every(seconds: float, report: Callable[[dict], None]) -> Callable[[d
             report(p)
 
     return throttled
-
-
-def tokenizer_vocab(tokenizer) -> int:
-    """The vocabulary size of a loaded tokenizer (None: bytes)."""
-    return BYTE_VOCAB if tokenizer is None else tokenizer.get_vocab_size()
 
 
 def check_source(cfg: DataConfig, vocab_limit: int | None = None) -> None:
