@@ -3,5 +3,5 @@
 
 class LayoutError(Exception):
     """A model or a Hugging Face folder that the glm4_moe layout cannot carry, or that disagrees
-    with the job; the message names every field concerned. Here, not in `layout`, which loads
-    torch: the tokenizer check raises it in `moe-ray prepare`, which needs no torch."""
+    with the job; the message names every field concerned. Here, not in `layout` (which loads
+    torch): `hf.tokenizer` raises it, and `moe-ray prepare`, which needs no torch, imports that."""
