@@ -16,13 +16,24 @@ import torch
 
 from moe_ray.model.router import routing_limits_problem
 from moe_ray.model.transformer import MoETransformer
-from moe_ray.parallel.parallelize import shards_dense
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.spec import JobSpec
 
 BYTES_PER_TRAINED_PARAM = 16  # fp32 weight + gradient + AdamW m and v
 GPU_MEMORY_GIB = 80  # the common large accelerator (H100 80 GB); the warning threshold
 SCALE_TABLE = (64, 256, 1024)  # worker counts shown for a job that does not fit at its own
+
+# Below this much replicated dense training state per worker (BYTES_PER_TRAINED_PARAM a
+# parameter), "auto" replicates: FSDP's gathers cost more than they save there
+# (bench/gpu.py, bench/memory.py: 2.2x the step time of the quickstart on an H100, 1.4x on CPU).
+AUTO_FSDP_BYTES = 2**30
+
+
+def shards_dense(setting: str, dense_params: int) -> bool:
+    """Whether the dense parts are FSDP-sharded: `resources.dense_parallel` resolved."""
+    if setting == "auto":
+        return BYTES_PER_TRAINED_PARAM * dense_params >= AUTO_FSDP_BYTES
+    return setting == "fsdp"
 
 
 @dataclass

@@ -12,18 +12,6 @@ from moe_ray.parallel.grads import GradientSync
 from moe_ray.parallel.mesh import ParallelMesh
 from moe_ray.parallel.placement import ExpertPlacement
 
-# Below this much replicated dense training state per worker (fp32 weights, gradients and AdamW
-# moments: 16 bytes a parameter), "auto" replicates: FSDP's gathers cost more than they save there
-# (bench/gpu.py, bench/memory.py: 2.2x the step time of the quickstart on an H100, 1.4x on CPU).
-AUTO_FSDP_BYTES = 2**30
-
-
-def shards_dense(setting: str, dense_params: int) -> bool:
-    """Whether the dense parts are FSDP-sharded: `resources.dense_parallel` resolved."""
-    if setting == "auto":
-        return 16 * dense_params >= AUTO_FSDP_BYTES
-    return setting == "fsdp"
-
 
 def parallelize(
     model: MoETransformer,

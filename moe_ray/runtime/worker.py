@@ -28,11 +28,12 @@ from moe_ray.hf.init_from import load_init_from
 from moe_ray.parallel.dispatch import ExpertParallelDispatcher
 from moe_ray.parallel.grads import split_parameters
 from moe_ray.parallel.mesh import build_mesh
-from moe_ray.parallel.parallelize import parallelize, shards_dense
+from moe_ray.parallel.parallelize import parallelize
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
 from moe_ray.runtime.failures import FailurePoint, SetupError, WordedErrorTracebacks
+from moe_ray.sizing import shards_dense
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage import s3
