@@ -151,6 +151,10 @@ def test_a_tokenizer_json_job_exports_its_tokenizer(tmp_path):
     with pytest.raises(Exception, match="--tokenizer"):  # never opens a path the checkpoint names
         export_checkpoint(str(folder), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    # A --tokenizer that is not there is named as what was given, not as the job's data.tokenizer.
+    with pytest.raises(LayoutError, match=r"^the tokenizer '.*/nope.json' is not a file \(give a tokenizer.json"):
+        export_checkpoint(str(folder), tmp_path / "refused", tokenizer=str(tmp_path / "nope.json"))
+    assert not (tmp_path / "refused").exists()
     export_checkpoint(str(folder), tmp_path / "export", tokenizer=str(path))
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     text = "def f(x): return x + 1\nclass A: pass"

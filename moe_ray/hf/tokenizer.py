@@ -52,8 +52,10 @@ def byte_tokenizer_json() -> str:
 def read_tokenizer_json(spec: str) -> str:
     """The text of a tokenizer.json at a path or s3:// URI."""
     try:
-        return tokenizer_bytes(spec).decode()
-    except (DataError, OSError, s3.StorageError) as err:
+        return tokenizer_bytes(spec, named_by="the tokenizer").decode()
+    except DataError as err:  # it says what to give
+        raise LayoutError(str(err)) from None
+    except (OSError, s3.StorageError) as err:
         raise LayoutError(f"cannot read the tokenizer {spec}: {err}") from None
 
 

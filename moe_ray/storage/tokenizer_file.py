@@ -23,12 +23,12 @@ def load_tokenizer(spec: str):
         raise DataError(f"data.tokenizer {spec!r} is not a tokenizer.json that tokenizers can read: {err}") from None
 
 
-def tokenizer_bytes(spec: str) -> bytes:
-    """The tokenizer.json file named by `spec` (a path or s3:// URI)."""
+def tokenizer_bytes(spec: str, named_by: str = "data.tokenizer") -> bytes:
+    """The tokenizer.json file named by `spec` (a path or s3:// URI), which `named_by` gave."""
     if spec.startswith("s3://"):
         return s3.read_bytes(Location(spec))
     if not Path(spec).is_file():
-        raise DataError(f"data.tokenizer {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
+        raise DataError(f"{named_by} {spec!r} is not a file (give a tokenizer.json, or 'bytes')")
     return Path(spec).read_bytes()
 
 
