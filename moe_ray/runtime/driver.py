@@ -15,15 +15,15 @@ from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moe_ray.hf.init_from import check_init_from
 from moe_ray.runtime.cluster import ClusterAddressError, capacity_problem, enable_token_auth, hide_ray_noise, join
 from moe_ray.runtime.coordinator import COORDINATOR_NAMESPACE, Coordinator, coordinator_name
 from moe_ray.runtime.data_loading import run_dataset
-from moe_ray.runtime.failures import root_cause, stop_on_unmendable_failures
+from moe_ray.runtime.failures import root_cause
 from moe_ray.runtime.prepare import at_most_every, progress_line
+from moe_ray.runtime.ray_trainer import RunTrainer
 from moe_ray.runtime.run_tracking import RunTracking
 from moe_ray.runtime.worker import train_loop_per_worker
 from moe_ray.secrets import redact
@@ -244,14 +244,14 @@ def run_marker(run_name: str) -> Path:
 
 def _trainer(
     job: JobSpec, run_name: str, workers, per_worker: dict[str, float], data_uri: str, bias_mode: str
-) -> TorchTrainer:
+) -> RunTrainer:
     """A TorchTrainer for `workers` (a count, or (min, max) for Ray Train's elastic mode) of
     `per_worker` resources. Every trainer of a run has the same RunConfig(name, storage): it
     resumes the run's checkpoints."""
     res = job.resources
     storage_path, storage_fs = Location(job.checkpoint.storage).ray_storage()
     elastic = isinstance(workers, tuple)
-    return stop_on_unmendable_failures(TorchTrainer)(
+    return RunTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),

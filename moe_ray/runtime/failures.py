@@ -132,7 +132,7 @@ def _signatures(error: BaseException) -> set[tuple]:
 try:  # Ray Train's failure policy is a private API: where it moves, every failure is retried
     from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 except ImportError:  # pragma: no cover
-    FailurePolicy = None
+    FailurePolicy = UnmendableFailuresStop = None
 
 if FailurePolicy is not None:
 
@@ -165,18 +165,3 @@ if FailurePolicy is not None:
             get_coordinator(run_name).record.remote({"event": "failure", "error": cause, "time": time.time()})
         except Exception:
             pass
-
-
-def stop_on_unmendable_failures(trainer_cls: type) -> type:
-    """`trainer_cls` (a Ray Train trainer) whose controller stops on a failure no restart mends."""
-    if FailurePolicy is None or not hasattr(trainer_cls, "_initialize_and_run_controller"):
-        return trainer_cls
-
-    class Trainer(trainer_cls):
-        def _initialize_and_run_controller(self, **kwargs):
-            if "failure_policy" in kwargs:
-                kwargs["failure_policy"] = UnmendableFailuresStop(kwargs["failure_policy"], self.run_config.name)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
-    return Trainer
