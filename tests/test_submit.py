@@ -335,6 +335,13 @@ def test_submit_follow_logs_stop_list(ray_head, mlflow_stack, tmp_path):
     assert run.data.params["train.steps"] == "3"
     assert run.data.tags["moe_ray.params_changed_on_resume"] == "train.steps: 3 -> 100000"
 
+    # Ray Train's placement-group cleaner (it asks the dashboard's State API whether a controller
+    # died without removing its workers' placement group): kept where a dashboard answers it.
+    from ray.util.state import list_actors
+
+    cleaners = list_actors(address=ray_head, filters=[("class_name", "=", "PlacementGroupCleaner")])
+    assert cleaners, "no PlacementGroupCleaner on a head with a dashboard"
+
     listing = cli("list", "--address", ray_head).stdout
     assert re.search(rf"{re.escape(sub_id)}\s+SUCCEEDED\s+small-", listing)
     assert re.search(rf"{re.escape(again_id)}\s+FAILED\s+small-", listing)
