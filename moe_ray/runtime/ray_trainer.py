@@ -44,10 +44,11 @@ class RunTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **kwargs):
         if UnmendableFailuresStop is not None and "failure_policy" in kwargs:
             kwargs["failure_policy"] = UnmendableFailuresStop(kwargs["failure_policy"], self.run_config.name)
-        unused = [
-            *([DatasetsCallback] if DatasetsCallback and not self.datasets else []),
-            *([PlacementGroupCleanerCallback] if PlacementGroupCleanerCallback and not has_dashboard() else []),
-        ]
+        unused: tuple[type, ...] = ()
+        if DatasetsCallback is not None and not self.datasets:
+            unused += (DatasetsCallback,)
+        if PlacementGroupCleanerCallback is not None and not has_dashboard():
+            unused += (PlacementGroupCleanerCallback,)
         if unused and "callbacks" in kwargs:
-            kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, tuple(unused))]
+            kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, unused)]
         return super()._initialize_and_run_controller(**kwargs)
