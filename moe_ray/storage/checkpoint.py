@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe_ray.model.transformer import MoETransformer
+from moe_ray.parallel.dtensor import is_dtensor
 from moe_ray.storage.checkpoint_index import (
     FORMAT,
     INDEX,
@@ -76,7 +76,7 @@ def _dense_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of the whole of `t`. For an FSDP shard (DTensor) this gathers it from its mesh:
     a collective, so every rank of that mesh must call it, in the same order."""
-    whole = t.full_tensor() if isinstance(t, DTensor) else t
+    whole = t.full_tensor() if is_dtensor(t) else t
     return whole.detach().to("cpu", copy=True)
 
 
@@ -84,7 +84,9 @@ def shaped_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `param` is: this rank's shard of it for a DTensor (cut locally, no
     communication), else `full` itself on param's device and dtype."""
     full = full.to(param.device, param.dtype)
-    if isinstance(param, DTensor):
+    if is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
     return full
 
@@ -92,7 +94,7 @@ def shaped_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def assign(dst: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into `dst`, which may be this rank's shard of it."""
-    if isinstance(dst, DTensor):
+    if is_dtensor(dst):
         dst.to_local().copy_(shaped_like(dst, full).to_local())
     else:
         dst.copy_(full)

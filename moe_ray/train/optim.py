@@ -6,9 +6,9 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from moe_ray.config import TrainConfig
+from moe_ray.parallel.dtensor import is_dtensor
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -25,7 +25,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # One kernel call per group takes either sharded (DTensor, FSDP) or plain (expert) tensors,
     # not both: hence a group of each kind.
     groups = [
-        {"params": [p for p in params if isinstance(p, DTensor) == sharded], "weight_decay": wd}
+        {"params": [p for p in params if is_dtensor(p) == sharded], "weight_decay": wd}
         for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
         for sharded in (False, True)
     ]
