@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,24 @@ def local_ray():
     )
     yield ray
     ray.shutdown()
+
+
+def cli_then_loaded(commands: list[list[str]], exit_code: int, packages: tuple[str, ...]):
+    """Run each of `commands` through moe-ray's CLI in one fresh Python process (each must exit
+    with `exit_code`); the process then exits naming the modules of `packages` it has loaded,
+    or with 0 when none. What a command imports is what it costs before it does anything."""
+    code = (
+        "import sys\n"
+        "from moe_ray.cli import app\n"
+        f"for args in {commands!r}:\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as stop:\n"
+        f"        assert (stop.code or 0) == {exit_code}, (args, stop.code)\n"
+        f"loaded = sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {packages!r}))\n"
+        "sys.exit(f'imported: {loaded[:20]}' if loaded else 0)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def _tracking_folder(storage) -> Path:

@@ -4,8 +4,6 @@ would reach a shell, checkpoints whose state.json was altered, paths a checkpoin
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -234,7 +232,7 @@ def test_the_commands_that_only_ask_the_cluster_load_no_torch(tmp_path):
     # importing torch (through the checkpoint format, or the driver) made each take ~3 s more.
     # `moe-ray prepare` needs none either (it made the command, and each of Ray Data's worker
     # processes that tokenise, ~1.5 s slower).
-    from conftest import free_port
+    from conftest import cli_then_loaded, free_port
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     commands = [
@@ -245,18 +243,7 @@ def test_the_commands_that_only_ask_the_cluster_load_no_torch(tmp_path):
         ["prepare", str(tmp_path / "text.txt"), str(tmp_path / "out"), "--address", nowhere.removeprefix("http://")],
     ]
     (tmp_path / "text.txt").write_text("a document\n")
-    code = (
-        "import sys\n"
-        "from moe_ray.cli import app\n"
-        f"for args in {commands!r}:\n"
-        "    try:\n"
-        "        app(args)\n"
-        "    except SystemExit as stop:\n"
-        "        assert stop.code == 1, (args, stop.code)\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'pandas'))\n"
-        "sys.exit(f'imported: {heavy[:20]}' if heavy else 0)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = cli_then_loaded(commands, exit_code=1, packages=("torch", "mlflow", "pandas"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count(f"cannot reach the Ray Jobs API at {nowhere}") == len(commands) - 1, out.stderr
     assert f"--address {nowhere.removeprefix('http://')}: no Ray cluster answers" in out.stderr, out.stderr

@@ -67,24 +67,20 @@ def test_eval_and_generate_commands(checkpoint):
     assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
 
 
-def test_a_checkpoint_read_into_one_model_loads_no_dtensor(checkpoint):
+def test_a_checkpoint_read_into_one_model_loads_no_dtensor(checkpoint, tmp_path):
     """generate, eval and export read a checkpoint into one whole model: torch.distributed.tensor
     (FSDP's; a 20-token generate took 2.8 s with it, 2.0 s without) was imported by each for a
     type check."""
-    code = (
-        "import sys\n"
-        "from moe_ray.cli import app\n"
-        "import moe_ray.hf.export\n"
-        "try:\n"
-        f"    app(['generate', {checkpoint!r}, '--prompt', 'import', '--max-new-tokens', '2'])\n"
-        "except SystemExit as stop:\n"
-        "    assert not stop.code, stop.code\n"
-        "loaded = [m for m in sys.modules if m.startswith('torch.distributed.tensor')]\n"
-        "sys.exit(f'loaded: {loaded[:5]}' if loaded else 0)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from conftest import cli_then_loaded
+
+    commands = [
+        ["generate", checkpoint, "--prompt", "import", "--max-new-tokens", "2"],
+        ["eval", checkpoint, "--batches", "1"],
+        ["export", checkpoint, str(tmp_path / "hf")],
+    ]
+    out = cli_then_loaded(commands, exit_code=0, packages=("torch.distributed.tensor",))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("import"), out.stdout
+    assert out.stdout.startswith("import") and (tmp_path / "hf" / "config.json").is_file(), out.stdout
 
 
 def test_a_tokenizer_the_model_was_not_trained_with_is_refused(checkpoint, tmp_path):
