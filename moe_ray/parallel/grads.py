@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
 
 from moe_ray.model.experts import GroupedExperts
+from moe_ray.parallel.dtensor import is_dtensor
 from moe_ray.parallel.mesh import ParallelMesh
 
 
@@ -51,7 +51,7 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The elements of `t` this rank holds: its shard of a DTensor (no copy), or `t` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 class GradientSync:
@@ -72,8 +72,8 @@ class GradientSync:
         the elements it holds, divided by how many ranks hold a copy of them, and one all-reduce
         adds the ranks up: every element counts once."""
         world, replicas = dist.get_world_size(), self.mesh.edp.size()
-        held = [(_local(g), 1 if isinstance(g, DTensor) else world) for g in _grads(self.dense)]
-        held += [(_local(g), 1 if isinstance(g, DTensor) else replicas) for g in _grads(self.expert)]
+        held = [(_local(g), 1 if is_dtensor(g) else world) for g in _grads(self.dense)]
+        held += [(_local(g), 1 if is_dtensor(g) else replicas) for g in _grads(self.expert)]
         total = torch.zeros((), device=held[0][0].device, dtype=torch.float32)
         for g, copies in held:
             total += g.float().pow(2).sum() / copies
