@@ -26,6 +26,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # does not ask for. Off in the tests, but for the runs that show what a user sees (the quickstart
 # job, the real head of test_submit, where moe-ray hides the watcher's ERROR line).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A Ray node starts 2 idle workers for its first driver: of no use to the tests' drivers, whose
+# runtime_env their tasks and actors need (~1.2 s of CPU per node started, then ~1 s a minute).
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 def with_preemption_watcher(env: dict) -> dict:
@@ -33,21 +36,43 @@ def with_preemption_watcher(env: dict) -> dict:
     return {k: v for k, v in env.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
 
 
+@pytest.fixture(scope="session")
+def ray_node():
+    """One local Ray node for every module that asks for `local_ray` (each start and shutdown of
+    one costs ~10 s of a 2-core machine's CPU). Modules that need a Ray of another shape (several
+    nodes, a `ray start` head, a fresh embedded one) start their own."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray.cluster_utils import Cluster
+
+    from moe_ray.runtime.cluster import enable_token_auth
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Token authentication, as for the local Ray of a run (Ray's default for a new local Ray), and
+    # for the whole session: every driver must use the node's mode (ray.init turns this process's
+    # mode to token where it finds a token; a driver in another mode than its node loses its
+    # actors as they are created). A token is made where this machine has none, as ray.init does.
+    enable_token_auth(local=True)
+    ensure_token_if_auth_enabled()
+    node = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    yield node
+    if ray.is_initialized():
+        ray.shutdown()
+    node.shutdown()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """One embedded Ray instance for the whole module (start-up costs seconds)."""
+def local_ray(ray_node):
+    """A driver of its own per module on the shared node: the module's actors and worker groups
+    end with it. Its workers get the AWS variables as they are when it connects (a module's S3
+    server is set up first), since the node's own environment is that of the session's start."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    # address="local": never join a leftover cluster of an earlier test (DESIGN 9).
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-    )
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    ray.init(address=ray_node.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
     yield ray
     ray.shutdown()
 

@@ -464,9 +464,9 @@ def test_records_reach_the_coordinator_in_the_order_rank_0_sent_them(local_ray):
     coord = Coordinator.options(name=coordinator_name("ordered"), namespace=COORDINATOR_NAMESPACE).remote(2, 8, {}, 10)
     try:
         pollers = [_poll_often.remote(coord, 200) for _ in range(2)]  # other callers keep the actor busy
-        ray.get(_send_records.remote(coord, 2000))
+        ray.get(_send_records.remote(coord, 1000))
         ray.get(pollers)
         steps = [m["step"] for m in ray.get(coord.progress.remote(0, 0, 0))["metrics"]]
-        assert steps == list(range(2000))
+        assert steps == list(range(1000))
     finally:
         ray.kill(coord)
