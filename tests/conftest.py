@@ -36,43 +36,89 @@ def with_preemption_watcher(env: dict) -> dict:
     return {k: v for k, v in env.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
 
 
-@pytest.fixture(scope="session")
-def ray_node():
-    """One local Ray node for every module that asks for `local_ray` (each start and shutdown of
-    one costs ~10 s of a 2-core machine's CPU). Modules that need a Ray of another shape (several
-    nodes, a `ray start` head, a fresh embedded one) start their own."""
-    import ray
-    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
-    from ray.cluster_utils import Cluster
+class SharedRayNode:
+    """One local Ray node for the modules that ask for `local_ray` (each start and shutdown of one
+    costs ~10 s of a 2-core machine's CPU), started by the first of them. Those modules run one
+    after another (pytest_collection_modifyitems below), and the node stops after the last, before
+    any other Ray starts: with two on one machine, Ray's address discovery fails (Ray Train's
+    placement-group cleaner on test_submit's head asks it, and raises). Modules that need a Ray of
+    another shape (several nodes, a `ray start` head, a fresh embedded one) start their own."""
 
-    from moe_ray.runtime.cluster import enable_token_auth
+    def __init__(self):
+        self.cluster = None
 
-    if ray.is_initialized():
-        ray.shutdown()
-    # Token authentication, as for the local Ray of a run (Ray's default for a new local Ray), and
-    # for the whole session: every driver must use the node's mode (ray.init turns this process's
-    # mode to token where it finds a token; a driver in another mode than its node loses its
-    # actors as they are created). A token is made where this machine has none, as ray.init does.
-    enable_token_auth(local=True)
-    ensure_token_if_auth_enabled()
-    node = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-    yield node
-    if ray.is_initialized():
-        ray.shutdown()
-    node.shutdown()
+    def address(self) -> str:
+        if self.cluster is None:
+            from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+            from ray.cluster_utils import Cluster
+
+            from moe_ray.runtime.cluster import enable_token_auth
+
+            # Token authentication, as for a run's own local Ray (Ray's default for a new local
+            # Ray), from here on in this process: each module's driver must use the node's mode
+            # (ray.init turns this process's mode to token where it finds a token; a driver in
+            # another mode than its node loses its actors as they are created). A token is made
+            # where this machine has none, as ray.init does.
+            enable_token_auth(local=True)
+            ensure_token_if_auth_enabled()
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+        return self.cluster.address
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            self.cluster.shutdown()
+            self.cluster = None
+
+
+_ray_node = SharedRayNode()
+_modules_on_the_node: set[str] = set()
+
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(trylast=True)  # on the items left after -k and -m
+def pytest_collection_modifyitems(items):
+    """The modules on the shared Ray node run together, where the first of them would."""
+    _modules_on_the_node.clear()
+    _modules_on_the_node.update(_module(i) for i in items if "local_ray" in i.fixturenames)
+    first = next((n for n, i in enumerate(items) if _module(i) in _modules_on_the_node), len(items))
+    rest = items[first:]
+    items[first:] = [i for i in rest if _module(i) in _modules_on_the_node] + [
+        i for i in rest if _module(i) not in _modules_on_the_node
+    ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last module on the shared node (its driver gone), the node stops."""
+    try:
+        return (yield)
+    finally:
+        if nextitem is None or _module(nextitem) not in _modules_on_the_node:
+            _ray_node.stop()
+
+
+def pytest_sessionfinish():
+    _ray_node.stop()  # also after an interrupt
 
 
 @pytest.fixture(scope="module")
-def local_ray(ray_node):
-    """A driver of its own per module on the shared node: the module's actors and worker groups
-    end with it. Its workers get the AWS variables as they are when it connects (a module's S3
-    server is set up first), since the node's own environment is that of the session's start."""
+def local_ray():
+    """A driver of the module's own on the shared node: its actors and worker groups end with it.
+    Its workers get the AWS variables as they are when it connects (a module's S3 server is set
+    up first), since the node keeps the environment of its start."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
-    ray.init(address=ray_node.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    ray.init(address=_ray_node.address(), log_to_driver=False, runtime_env={"env_vars": env_vars})
     yield ray
     ray.shutdown()
 
