@@ -1,12 +1,15 @@
 """Many gloo cases in one set of spawned processes.
 
 A spawned process imports torch and the package (~4 s of CPU on a 2-core machine), more than a
-small case takes, so a test module spawns its processes once and runs every case in turn, each on
-a fresh process group of its own size (ranks beyond a case's size skip it), writing what it
-computed into a folder of its own. A case that raises leaves its traceback for its test to
+small case takes. So the processes come from one forkserver per test session that has imported
+them already (`processes()`), and a test module starts its processes once and runs every case in
+turn, each on a fresh process group of its own size (ranks beyond a case's size skip it), writing
+what it computed into a folder of its own. A case that raises leaves its traceback for its test to
 report; the others still run (a rank left waiting in a collective gives up after `CASE_TIMEOUT`).
 """
 
+import multiprocessing
+import os
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +19,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CASE_TIMEOUT = timedelta(seconds=120)
+# What the cases' processes import, once, in the forkserver (a fresh process: no Ray threads to
+# fork). The test modules themselves are imported in each process (Python 3.11's forkserver does
+# not see the tests folder), cheaply once these are loaded.
+PRELOAD = ["torch", "torch.distributed", "pytest", "boto3", "moe_ray.runtime.driver", "moe_ray.train.trainer"]
+
+
+def processes() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context whose processes start with PRELOAD imported. Such a process
+    has the environment the forkserver started with: pass it what changed since (`_run_all`)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)  # no effect once the forkserver runs
+    return context
 
 
 def run_cases(cases: list[tuple], folder: Path) -> Path:
@@ -23,8 +38,9 @@ def run_cases(cases: list[tuple], folder: Path) -> Path:
     inside an initialised gloo group, out_dir being `folder / name`. Returns `folder`."""
     for name, *_ in cases:
         (folder / name).mkdir(parents=True)
-    processes = max(world for _, world, _, _ in cases)
-    mp.start_processes(_run_all, args=(cases, folder), nprocs=processes, start_method="spawn")
+    processes()
+    world = max(world for _, world, _, _ in cases)
+    mp.start_processes(_run_all, args=(cases, folder, dict(os.environ)), nprocs=world, start_method="forkserver")
     return folder
 
 
@@ -39,7 +55,9 @@ def require(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def _run_all(rank: int, cases: list[tuple], folder: Path) -> None:
+def _run_all(rank: int, cases: list[tuple], folder: Path, environ: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # this test's, not the forkserver's (test_s3's endpoint, say)
     torch.set_num_threads(1)
     for name, world, fn, args in cases:
         if rank >= world:

@@ -255,13 +255,13 @@ def _rank1(port: int, outcome) -> None:
 
 def test_when_the_coordinator_never_answers_every_rank_fails_instead_of_waiting(local_ray, monkeypatch):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
+    from gloo_cases import processes
 
     from moe_ray.runtime import bias_client
 
     monkeypatch.setattr(bias_client, "COORDINATOR_REPLY_TIMEOUT_S", 1.0)
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = processes()
     outcome = ctx.Queue()
     other = ctx.Process(target=_rank1, args=(port, outcome))
     other.start()
