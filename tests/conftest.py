@@ -149,6 +149,9 @@ def _tracking_folder(storage) -> Path:
     return Path(storage).resolve()
 
 
+REPLICATED = {"resources__dense_parallel": "replicate"}
+
+
 def tiny_job(storage, **overrides) -> JobSpec:
     """A job small enough for a test: 3 layers (1 dense), 8 experts, top-2, MTP depth 1."""
     spec = {
@@ -177,6 +180,8 @@ def tiny_job(storage, **overrides) -> JobSpec:
         },
         # FSDP explicitly: "auto" would replicate a model this small, and the runtime tests must
         # cover the sharded layout (tests/test_parallel.py checks both against one process).
+        # Modules whose runs test something else pass REPLICATED: an FSDP worker imports and sets
+        # up FSDP (~2 s of CPU each here), which the replicated layout does without.
         "resources": {"workers": 2, "cpus_per_worker": 1, "dense_parallel": "fsdp"},
         "checkpoint": {"storage": str(storage), "every": 0, "keep": 5},
         # Beside the runs, not in the working folder: tests never write into the checkout.

@@ -1,7 +1,7 @@
 """Node-limited routing on a real 2-node Ray cluster (ray.cluster_utils.Cluster)."""
 
 import pytest
-from conftest import tiny_job
+from conftest import REPLICATED, tiny_job
 
 from moe_ray.runtime.cluster import join
 from moe_ray.runtime.driver import run_job
@@ -29,6 +29,7 @@ def test_node_limited_routing_keeps_tokens_on_one_node(two_node_cluster, tmp_pat
         tmp_path,
         model__moe={"n_routed_experts": 16, "expert_hidden": 16, "top_k": 4, "max_nodes_per_token": 1},
         train__steps=4,
+        **REPLICATED,
     )
     result = run_job(job, run_name="nodes")
     placement = [e for e in result.progress.events if e.get("event") == "placement"][0]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_job
+from conftest import REPLICATED, tiny_job
 
 from moe_ray.data import DataError, batch_digest, sample_windows, window_length
 from moe_ray.runtime.data_loading import run_dataset
@@ -152,6 +152,7 @@ def test_runs_on_raw_and_on_prepared_data(local_ray, corpus, word_tokenizer, tmp
         train__steps=2,
         train__seq_len=16,
         train__audit_data=True,
+        **REPLICATED,
     )
     result = run_job(job, run_name="user-data")
     assert result.final_step == 2 and result.val_loss is not None

@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from conftest import LocalStack, free_port, tiny_job
+from conftest import REPLICATED, LocalStack, free_port, tiny_job
 from mlflow.tracking import MlflowClient
 
 from moe_ray.runtime.driver import run_job
@@ -31,6 +31,7 @@ def tracked_run(local_ray, mlflow_stack, tmp_path_factory):
         tmp_path_factory.mktemp("runs"),
         train__steps=6,
         train__eval_every=3,
+        **REPLICATED,
         tracking={"experiment": "tracked", "log_every": 2, "heatmap_every": 3, "log_model": True},
     )
     assert job.tracking.uri is None
@@ -113,7 +114,7 @@ def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_st
     secret = f"pw-{uuid.uuid4().hex[:12]}"
     uri = mlflow_stack.mlflow_uri.replace("http://", f"http://moe:{secret}@")
     monkeypatch.setenv("MOE_RAY_TEST_MLFLOW", uri)
-    spec = tiny_job(tmp_path / "runs", train__steps=4, checkpoint__every=2).model_dump(mode="json")
+    spec = tiny_job(tmp_path / "runs", train__steps=4, checkpoint__every=2, **REPLICATED).model_dump(mode="json")
     spec["tracking"] = {"uri": "${MOE_RAY_TEST_MLFLOW}", "experiment": "masked", "log_model": True}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -135,6 +136,7 @@ def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tra
     job = tiny_job(
         tmp_path / "runs",
         train__steps=30,
+        **REPLICATED,
         tracking={"uri": stack.mlflow_uri, "experiment": "dies", "log_every": 1, "flush_timeout_s": 2},
     )
     seen = {}  # the last step done when the stop was asked, and at the first look once it was gone
