@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from conftest import free_port, tiny_job, with_preemption_watcher
+from conftest import REPLICATED, free_port, tiny_job, with_preemption_watcher
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -114,6 +114,7 @@ def write_job(tmp_path, name, steps, mlflow_uri):
         train__steps=steps,
         train__batch_size=4,
         resources__workers=1,
+        **REPLICATED,
         tracking={"uri": mlflow_uri, "experiment": "submitted", "log_every": 1},
     )
     path = tmp_path / f"{name}.yaml"
@@ -193,7 +194,7 @@ def test_prepare_and_run_on_a_cluster_read_relative_paths_where_they_were_typed(
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "prepared" / "manifest.json").is_file()
 
-    job = tiny_job("runs", name="rel", train__steps=2, train__batch_size=2, resources__workers=1)
+    job = tiny_job("runs", name="rel", train__steps=2, train__batch_size=2, resources__workers=1, **REPLICATED)
     spec = job.model_dump(mode="json") | {"tracking": {"enabled": False}}
     spec["data"] |= {"source": "corpus.jsonl", "tokenizer": "./tok.json"}  # raw: prepared by the run
     (tmp_path / "rel.yaml").write_text(yaml.safe_dump(spec))
