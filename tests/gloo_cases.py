@@ -1,4 +1,4 @@
-"""Many gloo cases in one set of spawned processes.
+"""Many gloo cases in one set of processes.
 
 A spawned process imports torch and the package (~4 s of CPU on a 2-core machine), more than a
 small case takes. So the processes come from one forkserver per test session that has imported

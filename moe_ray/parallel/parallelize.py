@@ -25,7 +25,7 @@ def parallelize(
     the optimizer afterwards: FSDP replaces the parameters by their shards."""
     apply_expert_parallel(model, placement, rank, mesh)
     if fsdp:
-        # Imported here: FSDP loads torch.distributed.tensor (~0.7 s of CPU per process here),
+        # Imported here: FSDP loads torch.distributed.tensor (~0.8 s of CPU per process here),
         # which a run without it never needs (dtensor.is_dtensor).
         from moe_ray.parallel.fsdp import apply_fsdp
 
