@@ -38,9 +38,9 @@ def run_cases(cases: list[tuple], folder: Path) -> Path:
     inside an initialised gloo group, out_dir being `folder / name`. Returns `folder`."""
     for name, *_ in cases:
         (folder / name).mkdir(parents=True)
-    processes()
     world = max(world for _, world, _, _ in cases)
-    mp.start_processes(_run_all, args=(cases, folder, dict(os.environ)), nprocs=world, start_method="forkserver")
+    method = processes().get_start_method()
+    mp.start_processes(_run_all, args=(cases, folder, dict(os.environ)), nprocs=world, start_method=method)
     return folder
 
 
