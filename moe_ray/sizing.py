@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moe_ray.model.router import routing_limits_problem
 from moe_ray.model.transformer import MoETransformer
@@ -114,9 +115,23 @@ def _bytes(n: float) -> str:
     return f"{n / 2**10:.3g} KiB"
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Leaves meta tensors unfilled: counting needs only their shapes, and a random fill on the
+    meta device imports torch._dynamo (~1 s of a `moe-ray validate`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        name = getattr(func, "__name__", "")
+        initialises = getattr(func, "__module__", None) == "torch.nn.init" or name in ("normal_", "uniform_")
+        if initialises and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
 def job_size(job: JobSpec) -> JobSize:
     """Sizes at the job's smallest worker count (where each worker holds the most experts)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         counts = MoETransformer(job.model, job.balance).parameter_counts()
     n_experts, layers = job.model.moe.n_routed_experts, job.model.n_moe_layers
     dense = counts["total"] - counts["routed_experts"]

@@ -1,6 +1,8 @@
 """Every job file in jobs/ validates, and the job-spec rules hold."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,19 @@ def test_validate_sizes_the_v3_job_and_warns_that_it_does_not_fit():
     assert fits == {"64": "does not fit", "256": "fits", "1024": "fits"}, out
     quick = CliRunner().invoke(app, ["validate", str(next(p for p in JOBS if p.stem == "quickstart"))]).output
     assert "# per worker at 2 worker(s)" in quick and "warning" not in quick
+
+
+def test_sizing_on_the_meta_device_does_not_load_the_compiler():
+    """A random fill or a division on the meta device imports torch._dynamo: ~1 s of every
+    `moe-ray validate`. Sizing the V3 job (group-limited routing) does neither."""
+    code = (
+        "import sys; from moe_ray.sizing import job_size; from moe_ray.spec import load_job; "
+        f"size = job_size(load_job({str(next(p for p in JOBS if p.stem == 'deepseek-v3'))!r})); "
+        "print(size.total_params, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    total, dynamo = out.stdout.split()
+    assert int(total) > 6e11 and dynamo == "False", out.stderr
 
 
 def test_validate_warns_when_node_and_group_limits_can_leave_a_token_short(tmp_path):

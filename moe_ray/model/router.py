@@ -130,8 +130,9 @@ class Router(nn.Module):
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(self.n_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(self.n_experts, dtype=torch.float32))
-        group_size = self.n_experts // cfg.n_group
-        self.register_buffer("expert_group", torch.arange(self.n_experts) // group_size, persistent=False)
+        # repeat_interleave, not `arange // size`: a division on the meta device imports torch._dynamo.
+        groups = torch.arange(cfg.n_group).repeat_interleave(self.n_experts // cfg.n_group)
+        self.register_buffer("expert_group", groups, persistent=False)
         # Node of each expert for node-limited routing; set from the live placement by the runtime.
         self.register_buffer("expert_node", torch.zeros(self.n_experts, dtype=torch.long), persistent=False)
         self.n_nodes = 1
