@@ -1,5 +1,6 @@
 """An HTTP proxy in front of the S3 endpoint that fails chosen uploads: real HTTP errors on the
-wire (500 InternalError, as S3 sends them), for storage-fault tests."""
+wire (500 InternalError, as S3 sends them), for storage-fault tests. Started late on a chosen
+port, it is also a server that comes up where a client found nothing listening."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class FaultyProxy:
     """Forwards every request to `upstream`; the first `fail_count` PUTs whose path contains
     `fail_pattern` get a 500 instead."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, port: int = 0):
         self.upstream = urlparse(upstream)
         self.fail_pattern: str | None = None
         self.fail_count = 0
@@ -72,7 +73,7 @@ class FaultyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

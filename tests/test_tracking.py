@@ -5,7 +5,8 @@ import signal
 import time
 
 import pytest
-from conftest import REPLICATED, LocalStack, free_port, tiny_job
+from conftest import REPLICATED, free_port, tiny_job
+from faulty_proxy import FaultyProxy
 from mlflow.tracking import MlflowClient
 
 from moe_ray.runtime.driver import run_job
@@ -99,6 +100,30 @@ def files_holding(folder, secret: bytes) -> list[str]:
     return found
 
 
+def test_metrics_kept_while_server_is_down_are_sent_when_it_answers(mlflow_stack):
+    """Nothing listens at the tracker's address at first; then the module's server answers there
+    (through a proxy started on that port: a second server would cost ~15 s of start-up)."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    tracker = Tracker(uri, "late", "late-run", flush_s=0.2, max_backoff_s=1.0)
+    tracker.start({"a.b": "1"}, {"t": "x"})
+    for step in range(5):
+        tracker.log_metrics(step, {"loss": 10.0 - step})
+    time.sleep(1.0)
+    assert tracker.pending() > 0  # nothing could be sent: no server yet
+    proxy = FaultyProxy(mlflow_stack.mlflow_uri, port=port).start()
+    try:
+        deadline = time.time() + 60
+        while tracker.pending() and time.time() < deadline:
+            time.sleep(0.5)
+        assert tracker.close() is True
+        client, run = only_run(mlflow_stack.mlflow_uri, "late")
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 9, 8, 7, 6]
+        assert run.data.params == {"a.b": "1"} and run.data.tags["t"] == "x"
+    finally:
+        proxy.stop()
+
+
 # Before the test that kills the module's server.
 def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_stack, tmp_path, monkeypatch, capfd):
     """The tracking URI arrives through ${VAR} with a password in it. Nothing the run writes holds
@@ -153,28 +178,6 @@ def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tra
     result = run_job(job, run_name="dies", on_progress=kill_after_first_step, poll_s=0.1)
     assert seen.get("after_stop", 29) < 29, seen  # steps were still to come when the server was gone
     assert result.final_step == 30 and result.val_loss is not None
-
-
-def test_metrics_kept_while_server_is_down_are_sent_when_it_answers(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    tracker = Tracker(uri, "late", "late-run", flush_s=0.2, max_backoff_s=1.0)
-    tracker.start({"a.b": "1"}, {"t": "x"})
-    for step in range(5):
-        tracker.log_metrics(step, {"loss": 10.0 - step})
-    time.sleep(1.0)
-    assert tracker.pending() > 0  # nothing could be sent: no server yet
-    stack = LocalStack(tmp_path / "mlflow", s3=False, mlflow_port=port).start()
-    try:
-        deadline = time.time() + 60
-        while tracker.pending() and time.time() < deadline:
-            time.sleep(0.5)
-        assert tracker.close() is True
-        client, run = only_run(uri, "late")
-        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 9, 8, 7, 6]
-        assert run.data.params == {"a.b": "1"} and run.data.tags["t"] == "x"
-    finally:
-        stack.stop()
 
 
 def test_flatten_redacts_secret_looking_keys():
