@@ -165,11 +165,17 @@ def connect(address: str | None, job: JobSpec) -> bool:
         return False
     need = int(job.resources.max_workers * job.resources.cpus_per_worker + 0.999)
     enable_token_auth(local=True)
+    # Ray starts 2 idle workers for the first driver; they have no runtime_env, so none of the
+    # run's actors could use them.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # One node that is never drained: Ray Train's PreemptionWatcher (an actor per worker group,
+    # ~1 s of each start) would have nothing to watch.
+    no_watcher = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, need),
         include_dashboard=False,
-        runtime_env={"env_vars": _QUIET_ENV},
+        runtime_env={"env_vars": {**_QUIET_ENV, **no_watcher}},
         logging_level=logging.WARNING,
         log_to_driver=_worker_logs(),
     )
