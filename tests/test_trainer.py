@@ -27,7 +27,8 @@ def test_same_seed_same_losses():
 
 @pytest.mark.slow
 def test_training_lowers_validation_loss():
-    train = TrainConfig(steps=250, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, eval_every=0, eval_batches=4)
+    # 120 steps: val loss 5.60 -> 2.61 here, MaxVio_global 0.28 (250 took twice as long for a check this coarse).
+    train = TrainConfig(steps=120, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, eval_every=0, eval_batches=4)
     trainer = Trainer(small_model(), BalanceConfig(bias_update_speed=0.01), train, builtin_corpus())
     before = trainer.evaluate()
     summary = trainer.fit()
