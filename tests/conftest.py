@@ -196,6 +196,15 @@ def tiny_job(storage, **overrides) -> JobSpec:
     return JobSpec.model_validate(spec)
 
 
+def single_process_trainer(job: JobSpec):
+    """The single-process Trainer of `job` on the CPU, over the built-in corpus it samples: the
+    reference that runs on Ray are held to."""
+    from moe_ray.data import builtin_corpus
+    from moe_ray.train.trainer import Trainer
+
+    return Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+
+
 def builtin_batch_digests(job: JobSpec, steps) -> list:
     """The digest of each listed step's global batch, sampled from the built-in corpus as a run
     of `job` samples it (what `train.audit_data` records), computed here without Ray."""

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import builtin_batch_digests, free_port, tiny_job
+from conftest import builtin_batch_digests, free_port, single_process_trainer, tiny_job
 
 from moe_ray.balance import bias_update_speed, update_bias
-from moe_ray.data import builtin_corpus
 from moe_ray.runtime.coordinator import get_coordinator
 from moe_ray.runtime.driver import request_rebalance, request_scale, run_job
-from moe_ray.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +31,7 @@ def job(tmp_path_factory):
 def uninterrupted(job):
     """The job's losses trained without interruption, in one process: a run of any worker count
     matches them (test_runtime), and a reference run on Ray would cost ~15 s of start-up here."""
-    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    trainer = single_process_trainer(job)
     return [r.loss for r in trainer.fit().history]
 
 

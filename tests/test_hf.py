@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_job, write_checkpoint
+from conftest import single_process_trainer, tiny_job, write_checkpoint
 
-from moe_ray.data import builtin_corpus
 from moe_ray.hf import LayoutError
 from moe_ray.hf.export import export_checkpoint
 from moe_ray.hf.folder import CONFIG, load_into, open_folder
@@ -18,7 +17,7 @@ from moe_ray.hf.init_from import check_init_from, load_init_from
 from moe_ray.hf.tokenizer import PROBE
 from moe_ray.inference import generate, load_model
 from moe_ray.train.step import LocalBias
-from moe_ray.train.trainer import Trainer, build_model
+from moe_ray.train.trainer import build_model
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (in `dev`)
 CLI = Path(sys.executable).parent / "moe-ray"
@@ -35,7 +34,7 @@ def trained(tmp_path_factory):
     negative entries (a masked expert must lose to them: HF masks with -inf, not 0)."""
     root = tmp_path_factory.mktemp("hf")
     job = hf_job(root / "runs", train__steps=60)
-    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    trainer = single_process_trainer(job)
     trainer.fit()
     bias = torch.randn(trainer.model.get_expert_bias().shape, generator=torch.Generator().manual_seed(0)) * 0.05
     trainer.model.set_expert_bias(-0.1 - bias.abs())  # all negative: a 0 fill would win
@@ -243,13 +242,13 @@ def test_training_starts_from_the_export_on_ray(local_ray, trained, tmp_path):
     job = hf_job(tmp_path / "runs", train__steps=3, model__init_from=str(trained[2]))
     check_init_from(job)
     result = run_job(job, run_name="from-hf")
-    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    trainer = single_process_trainer(job)
     load_init_from(trainer.model, str(trained[2]))
     trainer.bias = LocalBias(trainer.model.get_expert_bias(), job.balance, job.train.steps)
     summary = trainer.fit()
     losses = [m["loss"] for m in result.progress.metrics]
     np.testing.assert_allclose(losses, [r.loss for r in summary.history], rtol=2e-5, atol=1e-6)
-    fresh = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    fresh = single_process_trainer(job)
     assert losses[0] < fresh.run_step().loss - 1.0
 
 

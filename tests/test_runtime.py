@@ -4,16 +4,15 @@ coordinator's bias, checkpoints that reshard, and resumption."""
 import numpy as np
 import pytest
 import torch
-from conftest import copy_checkpoint_as_new_run, tiny_job
+from conftest import copy_checkpoint_as_new_run, single_process_trainer, tiny_job
 
 from moe_ray.balance import next_bias
-from moe_ray.data import builtin_corpus
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.driver import run_job
 from moe_ray.storage import checkpoint as ckpt
 from moe_ray.storage.catalog import list_checkpoints, run_location
 from moe_ray.train.optim import build_optimizer
-from moe_ray.train.trainer import Trainer, build_model
+from moe_ray.train.trainer import build_model
 
 STEPS = 6
 
@@ -37,7 +36,7 @@ def ep2_run(local_ray, job):
 
 @pytest.fixture(scope="module")
 def single(job):
-    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    trainer = single_process_trainer(job)
     summary = trainer.fit()
     return trainer, summary
 

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_job, write_checkpoint
+from conftest import single_process_trainer, tiny_job, write_checkpoint
 
-from moe_ray.data import builtin_corpus
 from moe_ray.inference import generate
 from moe_ray.speculative import accept_sampled, residual_sample, speculative_generate
-from moe_ray.train.trainer import Trainer, build_model
+from moe_ray.train.trainer import build_model
 
 CLI = Path(sys.executable).parent / "moe-ray"
 PROMPTS = [b"def main(self):\n    return ", b"import os\nclass Foo:\n    ", b"    for i in range("]
@@ -23,7 +22,7 @@ def trained(tmp_path_factory):
     job = tiny_job(
         tmp_path_factory.mktemp("runs"), train__steps=200, train__lr=3e-3, train__batch_size=16, model__mtp__depth=2
     )
-    trainer = Trainer(job.model, job.balance, job.train, builtin_corpus(job.data.max_bytes), torch.device("cpu"))
+    trainer = single_process_trainer(job)
     trainer.fit()
     return job, trainer.model.eval()
 
