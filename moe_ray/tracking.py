@@ -135,20 +135,22 @@ class Tracker:
 
     def close(self, status: str = "FINISHED", timeout_s: float = 30.0) -> bool:
         """Send what is queued (waiting at most `timeout_s`), end the run. True if all was sent."""
-        if not self.enabled or self._thread is None:
-            return True
-        self._status = status
-        self._give_up_at = time.time() + timeout_s
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-        sent = not self._thread.is_alive() and self.pending() == 0
-        if not sent:
-            log.warning(
-                "MLflow: %d metric values not sent to %s (server unreachable)", self.pending(), redact(self.uri)
-            )
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        return sent
+        try:
+            if not self.enabled or self._thread is None:
+                return True
+            self._status = status
+            self._give_up_at = time.time() + timeout_s
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout_s)
+            sent = not self._thread.is_alive() and self.pending() == 0
+            if not sent:
+                log.warning(
+                    "MLflow: %d metric values not sent to %s (server unreachable)", self.pending(), redact(self.uri)
+                )
+            return sent
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def pending(self) -> int:
         with self._lock:

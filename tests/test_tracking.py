@@ -37,14 +37,24 @@ def tracked_run(local_ray, mlflow_stack, tmp_path_factory):
     )
     assert job.tracking.uri is None
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_stack.mlflow_uri
+    before = tracking_scratch()
     try:
-        return job, run_job(job, run_name="tracked")
+        return job, run_job(job, run_name="tracked"), tracking_scratch() - before
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
 
 
+def tracking_scratch() -> set[str]:
+    """The driver's scratch folders (heatmaps, summary, the queued artifacts' copies)."""
+    import glob
+    import tempfile
+
+    return {p for kind in ("run", "tracking") for p in glob.glob(f"{tempfile.gettempdir()}/moe-ray-{kind}-*")}
+
+
 def test_params_metrics_and_artifacts_reach_the_server(tracked_run, mlflow_stack):
-    job, result = tracked_run
+    job, result, scratch_left = tracked_run
+    assert scratch_left == set()  # each run left a folder in /tmp (~160 KB with its heatmap) before
     client, run = only_run(mlflow_stack.mlflow_uri, "tracked")
     assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
     assert run.data.params["model.moe.top_k"] == "2" and run.data.params["train.steps"] == "6"
@@ -178,6 +188,25 @@ def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tra
     result = run_job(job, run_name="dies", on_progress=kill_after_first_step, poll_s=0.1)
     assert seen.get("after_stop", 29) < 29, seen  # steps were still to come when the server was gone
     assert result.final_step == 30 and result.val_loss is not None
+
+
+def test_untracked_run_draws_nothing_and_leaves_no_scratch(tmp_path):
+    from moe_ray.runtime.run_tracking import RunTracking
+
+    asked = []
+
+    class Coordinator:
+        def __getattr__(self, name):
+            asked.append(name)
+            raise AttributeError(name)
+
+    before = tracking_scratch()
+    tracking = RunTracking(tiny_job(tmp_path, tracking={"enabled": False}), "off", None)
+    assert tracking_scratch() - before  # made while the run goes on
+    tracking.heatmap(Coordinator())
+    assert asked == []  # a heatmap is drawn for MLflow only: ~1 s of the driver's CPU
+    tracking.finish(None, Coordinator(), status="KILLED")
+    assert tracking_scratch() - before == set()
 
 
 def test_flatten_redacts_secret_looking_keys():

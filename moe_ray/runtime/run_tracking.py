@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class RunTracking:
             self.heatmap(coordinator)
 
     def heatmap(self, coordinator) -> None:
+        if not self.cfg.enabled:  # drawn for MLflow only (~1 s of the driver's CPU the first time)
+            return
         try:
             history = ray.get(coordinator.load_history.remote(max_points=400), timeout=30)
         except Exception:
@@ -136,6 +139,12 @@ class RunTracking:
     def finish(self, result, coordinator, status: str = "FINISHED", error: str | None = None) -> None:
         """Close the run with `status`: with the summary of a finished `result`, or with the
         one-line `error` of a FAILED run as its tag `moe_ray.error` (else only in the driver's log)."""
+        try:
+            self._finish(result, coordinator, status, error)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # what it held is queued as copies, or sent
+
+    def _finish(self, result, coordinator, status: str, error: str | None) -> None:
         if error is not None:
             self.tracker.set_tags({"moe_ray.error": redact(error)[:5000]})
         if result is not None:
