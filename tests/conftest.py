@@ -17,10 +17,6 @@ from stack import LocalStack, free_port  # noqa: E402,F401
 
 # Keep the test processes from oversubscribing a small machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-# Ray Train's controller looks at its workers every 2 s, so each worker group's end (and a
-# failure) is seen ~1-2 s late; ~2 s per run over the suite's ~33 worker groups. Every Ray the
-# tests start (embedded, `ray start`, the CLI's) inherits this from the test process's env.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train starts a PreemptionWatcher actor per worker group (a process that imports Ray Train:
 # ~2.5 s of CPU, ~1.2 s of a start here) to tell a training function of node drains, which moe-ray
 # does not ask for. Off in the tests, but for the runs that show what a user sees (the quickstart

@@ -420,9 +420,10 @@ def test_a_group_waiting_for_resources_says_why_and_starts_when_they_are_free(lo
     monkeypatch.setattr(driver._StartWatch, "FIRST_S", 1.0)
     hold = ray.util.placement_group([{"CPU": 3}])
     ray.get(hold.ready())
-    notices, held = [], [hold]
+    notices, held, settings = [], [hold], set()
 
     def free_after_the_notice(progress):
+        settings.add(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
         notices.extend(r.getMessage() for r in caplog.records if "waiting for resources" in r.getMessage())
         caplog.clear()
         if notices and held:
@@ -436,7 +437,10 @@ def test_a_group_waiting_for_resources_says_why_and_starts_when_they_are_free(lo
             ray.util.remove_placement_group(group)
     assert notices and result.final_step == 2
     assert notices[0].startswith("waiting for resources: 2 workers need 2 CPU (1 of the cluster's 4 are free)")
-    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ  # set for the run only
+    # Ray Train's controller took both from the environment; they are set for the run only.
+    assert settings == {str(driver.HEALTH_CHECK_INTERVAL_S)}  # Ray's 2 s saw each group's end ~2.5 s late
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
 
 
 @ray.remote
