@@ -1,5 +1,6 @@
 """Shared fixtures: a real local Ray per test module, and small jobs."""
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -141,7 +142,9 @@ def _tracking_folder(storage) -> Path:
     """Local storage holds its runs' MLflow store; S3 storage gets a temporary folder (a Path of
     "s3://b/runs" would be ./s3:/b/runs, inside the checkout)."""
     if "://" in str(storage):
-        return Path(tempfile.mkdtemp(prefix="moe-ray-test-mlflow-"))
+        folder = tempfile.mkdtemp(prefix="moe-ray-test-mlflow-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # not left in /tmp run after run
+        return Path(folder)
     return Path(storage).resolve()
 
 
