@@ -166,6 +166,24 @@ def test_a_credential_from_the_environment_lands_in_no_file(local_ray, mlflow_st
     assert leaks == [], leaks
 
 
+def test_an_error_in_the_driver_closes_the_run_as_failed(local_ray, mlflow_stack, tmp_path):
+    """Not a worker group's failure (a RunError) but the driver's own, here the caller's progress
+    callback at its first call, before the workers start: the MLflow run stayed RUNNING for ever."""
+    tracking = {"uri": mlflow_stack.mlflow_uri, "experiment": "oops"}
+    job = tiny_job(tmp_path, train__steps=1, resources__workers=1, **REPLICATED, tracking=tracking)
+
+    def broken(progress):
+        raise ValueError("the callback broke")
+
+    before = tracking_scratch()
+    with pytest.raises(ValueError, match="the callback broke"):
+        run_job(job, run_name="oops", on_progress=broken)
+    _, run = only_run(mlflow_stack.mlflow_uri, "oops")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["moe_ray.error"] == "in the driver: ValueError: the callback broke"
+    assert tracking_scratch() - before == set()
+
+
 def test_run_completes_when_the_server_dies_mid_run(local_ray, mlflow_stack, tracked_run, tmp_path):
     stack = mlflow_stack  # the module's server: the tests above have read what they need from it
     job = tiny_job(

@@ -409,28 +409,34 @@ def _run(
             # group of the asked size resumes it (same run name and storage, same coordinator).
             workers = desired
             ray.get(coordinator.scale_done.remote())
+        result = outcome["result"]
+        history = ray.get(coordinator.load_history.remote())
+        consistency = ray.get(coordinator.bias_consistency.remote())
+        summary = next((e for e in reversed(progress.events) if e.get("event") == "eval"), {})
+        last = progress.last or {}
+        run_result = RunResult(
+            run_name=run_name,
+            run_location=str(run_location(job.checkpoint.storage, run_name)),
+            checkpoint=result.checkpoint.path if result.checkpoint else None,
+            final_step=last.get("step", -1) + 1,
+            train_loss=last.get("loss"),
+            val_loss=summary.get("val_loss"),
+            max_vio_global=summary.get("max_vio_global"),
+            progress=progress,
+            load_history=history,
+            bias_consistency=consistency,
+            seconds=time.time() - start,
+            mlflow_uri=redact(tracking.uri),
+        )
     except KeyboardInterrupt:  # the workers stop with this process's Ray; the run continues by --resume
         tracking.finish(None, coordinator, status="KILLED")
         raise RunInterrupted.of(job, run_name, progress.last["step"] + 1 if progress.last else 0) from None
-    result = outcome["result"]
-    history = ray.get(coordinator.load_history.remote())
-    consistency = ray.get(coordinator.bias_consistency.remote())
-    summary = next((e for e in reversed(progress.events) if e.get("event") == "eval"), {})
-    last = progress.last or {}
-    run_result = RunResult(
-        run_name=run_name,
-        run_location=str(run_location(job.checkpoint.storage, run_name)),
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
-        final_step=last.get("step", -1) + 1,
-        train_loss=last.get("loss"),
-        val_loss=summary.get("val_loss"),
-        max_vio_global=summary.get("max_vio_global"),
-        progress=progress,
-        load_history=history,
-        bias_consistency=consistency,
-        seconds=time.time() - start,
-        mlflow_uri=redact(tracking.uri),
-    )
+    except RunError:
+        raise  # closed as FAILED above, with its cause
+    except BaseException as err:  # the driver's own (the coordinator gone, a callback's): not RUNNING for ever
+        cause = f"in the driver: {type(err).__name__}: {root_cause(err)}"
+        tracking.finish(None, coordinator, status="FAILED", error=cause)
+        raise
     # finish() sends the summary and closes the MLflow run (it creates the run if it had not yet).
     tracking.finish(run_result, coordinator)
     run_result.mlflow_run_id = tracking.tracker.run_id
@@ -513,6 +519,10 @@ def _fit_and_follow(trainer, watch: _StartWatch, coordinator, progress, cursor, 
         except BaseException as err:  # surfaced in the driver thread
             outcome["error"] = err
 
+    # The callback's first look comes before the workers start (one that fails there starts
+    # none); without a poll, which would wait for a new coordinator's process to start.
+    if on_progress:
+        on_progress(progress)
     thread = threading.Thread(target=fit, name="moe-ray-fit", daemon=True)
     thread.start()
     while True:
