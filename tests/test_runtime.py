@@ -337,6 +337,53 @@ def test_failure_policy_stops_on_a_setup_error_and_on_the_same_error_at_the_same
     assert [policy.make_decision(outage()) for _ in range(3)] == [RETRY] * 3
 
 
+def test_out_of_memory_names_what_sizes_a_worker():
+    """torch's own errors (the CPU allocator's refusal, raised here; CUDA's, with its words), said
+    with the job's keys that size a worker's memory; any other error is left alone."""
+    from moe_ray.runtime.failures import OutOfMemory, SetupError, worded_out_of_memory
+
+    job = tiny_job("/tmp/unused", train__batch_size=64, train__seq_len=48).model_dump(mode="json")
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(2**50, dtype=torch.uint8)
+    setup = worded_out_of_memory(refused.value, "setup", job, "10.0.0.1 (rank 1)")
+    assert isinstance(setup, SetupError) and str(setup).startswith(
+        "out of memory before the first step on 10.0.0.1 (rank 1): the host cannot allocate 1,048,576.0 GiB at "
+        "once. The model's training state does not fit a worker: use more workers (resources.workers, 2: "
+    )
+    cuda = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.50 GiB "
+        "is free. Including non-PyTorch memory, this process has 77.68 GiB memory in use. Of the allocated memory "
+        "75.1 GiB is allocated by PyTorch. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+    )
+    step = worded_out_of_memory(cuda, 12, job | {"resources": {"workers": {"min": 2, "max": 4}}}, "10.0.0.2 (rank 0)")
+    assert isinstance(step, OutOfMemory) and str(step) == (
+        "out of memory at step 12 on 10.0.0.2 (rank 0): CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+        "total capacity of 79.19 GiB of which 1.50 GiB is free. A worker's memory grows with its share of "
+        "train.batch_size (64) x train.seq_len (48) tokens and with the experts it holds: lower either, or use more "
+        "workers (resources.workers: each takes a smaller share of the batch and fewer experts)"
+    )
+    assert worded_out_of_memory(RuntimeError("a bug"), 3, job, "here") is None
+
+
+def test_a_model_too_big_for_its_workers_stops_at_once_in_words(local_ray, tmp_path):
+    """Its weights alone (a 2**35-token vocabulary: 4 TiB) cannot be allocated: the run stops
+    before the first step with what to change, not restarted (max_failures -1) and without a
+    traceback of torch's allocator."""
+    from moe_ray.runtime.driver import RunError
+
+    job = tiny_job(tmp_path, model__vocab_size=2**35, resources__workers=1, resources__max_failures=-1)
+    seen = {}
+    with pytest.raises(RunError) as err:
+        run_job(job, run_name="too-big", on_progress=lambda p: seen.update(events=list(p.events)))
+    said = str(err.value)
+    assert (
+        said.startswith("run too-big failed: out of memory before the first step on ")
+        and "(rank 0): the host cannot allocate 4,096.0 GiB at once. The model's training state" in said
+    ), said
+    assert "Traceback" not in said and not [e for e in seen.get("events", []) if e.get("event") == "restart"]
+
+
 def test_only_the_tracebacks_of_worded_errors_are_dropped_from_the_workers_logs():
     """Ray Train logs every training function's error with its traceback; a cluster forwards the
     lines to the driver (test_submit shows the worded ones gone there)."""
@@ -360,9 +407,14 @@ def test_only_the_tracebacks_of_worded_errors_are_dropped_from_the_workers_logs(
     def bug():
         raise KeyError("a bug: keeps its traceback")
 
+    def out_of_memory():
+        from moe_ray.runtime.failures import OutOfMemory
+
+        raise OutOfMemory("out of memory at step 3 on here: ...")
+
     with pytest.raises(TrainingDiverged):
         diverged()
-    assert not logged(diverged) and logged(bug)
+    assert not logged(diverged) and not logged(out_of_memory) and logged(bug)
     other = logging.LogRecord("x", logging.ERROR, __file__, 1, "another line", None, None)
     assert WordedErrorTracebacks().filter(other)
 

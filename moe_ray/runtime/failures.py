@@ -15,6 +15,7 @@ import logging
 import re
 import time
 
+import torch
 from ray.exceptions import RayError
 from torch.distributed import DistError
 
@@ -33,9 +34,48 @@ class SetupError(RuntimeError):
     """Raised by every worker of a group for a problem that another attempt would meet again."""
 
 
+class OutOfMemory(RuntimeError):
+    """A worker ran out of memory in a step: its GPU's, or its host's for one allocation."""
+
+
 # Errors whose message is all a user needs: the driver prints it alone (the restart line, the
 # run's error), and the workers do not log their tracebacks (one per rank and attempt).
-WORDED = (SetupError, TrainingDiverged)
+WORDED = (SetupError, TrainingDiverged, OutOfMemory)
+
+
+def worded_out_of_memory(err: BaseException, at: str | int, job: dict, where: str) -> Exception | None:
+    """torch's out-of-memory error (CUDA's, or the CPU allocator's refusal) in words that name
+    what sizes a worker's memory, else None. Before the first step (`at` "setup": the model, its
+    optimizer state, the checkpoint) a SetupError, as another attempt would meet it again; in a
+    step an OutOfMemory (retried once, like any error: a GPU shared for a while can free up).
+    `job` is the job as the workers get it (a dict)."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to allocate ... is free. ..."
+        sentences = text.split(". ")
+        upto = next((i for i, part in enumerate(sentences) if " free" in part), 0)
+        said = ". ".join(sentences[: upto + 1]).rstrip(".")
+    elif isinstance(err, RuntimeError) and (
+        size := re.search(r"can't allocate memory: you tried to allocate (\d+)", text)
+    ):
+        said = f"the host cannot allocate {int(size[1]) / 2**30:,.1f} GiB at once"
+    else:
+        return None
+    workers = job["resources"]["workers"]
+    more = f"resources.workers, {workers}" if isinstance(workers, int) else "resources.workers"
+    if at == "setup":
+        return SetupError(
+            f"out of memory before the first step on {where}: {said}. The model's training state does not fit "
+            f"a worker: use more workers ({more}: the routed experts are spread over them) and "
+            "resources.dense_parallel: fsdp (the dense parts sharded over them); `moe-ray validate` shows the "
+            "training state per worker"
+        )
+    train = job["train"]
+    return OutOfMemory(
+        f"out of memory at step {at} on {where}: {said}. A worker's memory grows with its share of "
+        f"train.batch_size ({train['batch_size']}) x train.seq_len ({train['seq_len']}) tokens and with the "
+        f"experts it holds: lower either, or use more workers ({more}: each takes a smaller share of the batch "
+        "and fewer experts)"
+    )
 
 
 class WordedErrorTracebacks(logging.Filter):

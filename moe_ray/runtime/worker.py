@@ -32,7 +32,7 @@ from moe_ray.parallel.parallelize import parallelize
 from moe_ray.parallel.placement import ExpertPlacement
 from moe_ray.runtime.bias_client import AllReduceBias, CoordinatorBias, CoordinatorRecords, all_reduce_sum
 from moe_ray.runtime.coordinator import LOAD_HORIZON_STEPS, get_coordinator, rank_imbalance
-from moe_ray.runtime.failures import FailurePoint, SetupError, WordedErrorTracebacks
+from moe_ray.runtime.failures import FailurePoint, SetupError, WordedErrorTracebacks, worded_out_of_memory
 from moe_ray.sizing import shards_dense
 from moe_ray.spec import JobSpec
 from moe_ray.storage import checkpoint as ckpt
@@ -266,7 +266,13 @@ def quiet_ray_train_reports() -> None:
 def train_loop_per_worker(config: dict) -> None:
     # Where it fails, on its exception: the failure policy tells a repeated failure by it.
     with FailurePoint() as point:
-        _train(config, point)
+        try:
+            _train(config, point)
+        except RuntimeError as err:  # out of memory: said with what sizes a worker, not torch's traceback
+            where = f"{ray.util.get_node_ip_address()} (rank {ray.train.get_context().get_world_rank()})"
+            if (worded := worded_out_of_memory(err, point.at, config["job"], where)) is None:
+                raise
+            raise worded from err
 
 
 def _train(config: dict, point: FailurePoint) -> None:
