@@ -221,6 +221,7 @@ def test_untracked_run_draws_nothing_and_leaves_no_scratch(tmp_path):
     before = tracking_scratch()
     tracking = RunTracking(tiny_job(tmp_path, tracking={"enabled": False}), "off", None)
     assert tracking_scratch() - before  # made while the run goes on
+    assert list(tracking.tmp.iterdir()) == []  # no job.yaml that nothing sends
     tracking.heatmap(Coordinator())
     assert asked == []  # a heatmap is drawn for MLflow only: ~1 s of the driver's CPU
     tracking.finish(None, Coordinator(), status="KILLED")

@@ -56,9 +56,10 @@ class RunTracking:
         if commit := git_commit():
             tags["git.commit"] = commit
         self.tracker.start(flatten(job_record(job)), tags)
-        spec = self.tmp / "job.yaml"
-        spec.write_text(dump_job(job))
-        self.tracker.log_artifact(spec, "job")
+        if cfg.enabled:  # written for MLflow only
+            spec = self.tmp / "job.yaml"
+            spec.write_text(dump_job(job))
+            self.tracker.log_artifact(spec, "job")
 
     def hint(self) -> str:
         if not self.cfg.enabled:
